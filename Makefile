@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo` (the main job end to end)  and  `make test`.
+# Both create or update the virtualenv first. Override its place with VENV=/path.
+VENV ?= $(HOME)/.cache/transfusion/venv
+PY := $(VENV)/bin/python
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.deps-$(DEPS_HASH)
+PYTEST_ARGS ?= -m "not slow"
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: venv demo test test-all clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo]"
+	rm -f $(VENV)/.deps-*
+	touch $@
+
+# The editable install is re-pointed at this checkout every time (cheap), so several clones can
+# share one venv.
+venv: $(STAMP)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+demo: venv
+	$(PY) -m trainer.train --config configs/tiny.yaml
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache

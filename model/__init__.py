@@ -1,0 +1,12 @@
+"""The Transfusion network: config, packed-batch contract, decoder, patch codecs, diffusion, losses."""
+
+from .batch import IGNORE_INDEX, PackedBatch
+from .config import DiffusionConfig, ModelConfig, SpecialTokens
+from .diffusion import NoiseSchedule
+from .losses import LossOutput, training_forward, transfusion_loss
+from .transfusion import ModelOutput, TransfusionModel
+
+__all__ = [
+    "IGNORE_INDEX", "PackedBatch", "DiffusionConfig", "ModelConfig", "SpecialTokens", "NoiseSchedule",
+    "LossOutput", "training_forward", "transfusion_loss", "ModelOutput", "TransfusionModel",
+]

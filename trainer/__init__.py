@@ -1,0 +1,1 @@
+"""Training: config, data loading and packing, optimizer, the loop, logging."""

@@ -1,0 +1,178 @@
+"""The run config: every section typed, loaded from YAML with `key.sub=value` overrides, validated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from model.config import DiffusionConfig, ModelConfig
+from model.config_base import ConfigError, apply_overrides, from_dict, require, to_dict
+
+
+@dataclass
+class TrainSection:
+    steps: int = 250_000
+    seq_len: int = 4096
+    batch_size: int = 1  # rows per micro-batch (per data-parallel rank)
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "bf16"  # bf16 = autocast with fp32 master weights
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "outputs/run"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 4000
+    decay_steps: int | None = None  # cosine reaches min_lr here; None = train.steps
+    schedule: Literal["cosine", "constant"] = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class SyntheticDataConfig:
+    """A built-in, learnable document source (class-conditional images, Markov-chain text)."""
+
+    num_classes: int = 10
+    text_len_min: int = 16
+    text_len_max: int = 96
+    image_noise: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic"] = "synthetic"
+    text_fraction: float = 0.5  # share of documents that are text-only
+    image_first_prob: float = 0.2
+    caption_dropout: float = 0.1
+    image_first_max_t: int = 500
+    max_waiting_images: int = 4  # image documents the packer may hold back before padding a row
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh dims; their product must equal the number of processes."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1  # -1 = whatever the world size leaves after the other dims
+    tp: int = 1
+    pp: int = 1
+
+    def resolved(self, world_size: int) -> "ParallelConfig":
+        """Concrete dims for `world_size` processes (fills dp_shard=-1); errors name the mismatch."""
+        others = self.dp_replicate * self.tp * self.pp
+        shard = self.dp_shard
+        if shard == -1:
+            require(
+                world_size % others == 0,
+                f"world size {world_size} is not divisible by dp_replicate*tp*pp={others}",
+            )
+            shard = world_size // others
+        dims = ParallelConfig(self.dp_replicate, shard, self.tp, self.pp)
+        require(
+            others * shard == world_size,
+            f"world size {world_size} != dp_replicate*dp_shard*tp*pp = "
+            f"{self.dp_replicate}*{shard}*{self.tp}*{self.pp}",
+        )
+        return dims
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # steps between saves; 0 = only at the end
+    keep_last: int = 3
+    enabled: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    wandb: Literal["disabled", "offline", "online"] = "offline"
+    project: str = "transfusion"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.diffusion.validate()
+        m, t, o, d, p = self.model, self.train, self.optim, self.data, self.parallel
+        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+            require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+        require(
+            t.seq_len <= m.max_seq_len,
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+        )
+        require(
+            m.patches_per_image + 4 <= t.seq_len,
+            f"an image takes {m.patches_per_image} patches + BOI/EOI, which does not fit "
+            f"train.seq_len={t.seq_len} with its BOS/EOS",
+        )
+        require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+        require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must lie in [0, optim.lr={o.lr}]")
+        require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+        require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1), got {o.betas}")
+        require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
+        for name in ("text_fraction", "image_first_prob", "caption_dropout"):
+            v = getattr(d, name)
+            require(0 <= v <= 1, f"data.{name} must lie in [0, 1], got {v}")
+        require(
+            0 < d.image_first_max_t <= self.diffusion.num_timesteps,
+            f"data.image_first_max_t={d.image_first_max_t} must lie in (0, diffusion.num_timesteps]",
+        )
+        for name in ("dp_replicate", "tp", "pp"):
+            require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        require(p.dp_shard >= 1 or p.dp_shard == -1, f"parallel.dp_shard must be >= 1 or -1, got {p.dp_shard}")
+        require(m.n_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}")
+        require(m.kv_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.kv_heads}")
+        require(m.vocab_size % p.tp == 0, f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}")
+        require(p.pp <= m.n_layers, f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+        require(self.logging.log_every >= 1, "logging.log_every must be >= 1")
+        require(self.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")
+        require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, build and validate it."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections")
+    cfg = from_dict(Config, apply_overrides(data, list(overrides or [])))
+    cfg.validate()
+    return cfg

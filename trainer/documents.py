@@ -1,0 +1,78 @@
+"""Documents: the unit the data layer hands to the packer, and how training examples become them.
+
+A document is a list of segments, text ids or one image's latent. `DocumentBuilder` applies the
+recipe of DESIGN.md §3: caption first (80%) or image first (20%), caption dropout for
+classifier-free guidance, and noise limited to t < 500 when the image precedes its caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.config import SpecialTokens
+
+
+@dataclass
+class ImageSegment:
+    latent: torch.Tensor  # [C, h, w] clean latent (already sampled from the stored distribution)
+    max_t: int  # timesteps for this image are drawn from [0, max_t)
+
+
+@dataclass
+class Document:
+    segments: list[np.ndarray | ImageSegment] = field(default_factory=list)
+
+    def num_positions(self, patches_per_image: int) -> int:
+        """Sequence length of the document once images become BOI + patches + EOI."""
+        return sum(
+            patches_per_image + 2 if isinstance(s, ImageSegment) else len(s) for s in self.segments
+        )
+
+    @property
+    def has_image(self) -> bool:
+        return any(isinstance(s, ImageSegment) for s in self.segments)
+
+
+@dataclass
+class DocumentRecipe:
+    """Probabilities of the recipe; values come from the data config."""
+
+    image_first_prob: float = 0.2
+    caption_dropout: float = 0.1
+    image_first_max_t: int = 500
+    num_timesteps: int = 1000
+
+
+class DocumentBuilder:
+    """Turns raw examples (text ids, caption ids + latent) into Documents, deterministically.
+
+    Each call takes its own `np.random.Generator`, so a caller that seeds it from the example's
+    index reproduces the same documents after a resume.
+    """
+
+    def __init__(self, tokens: SpecialTokens, recipe: DocumentRecipe) -> None:
+        self.tokens = tokens
+        self.recipe = recipe
+
+    def text(self, ids: np.ndarray, add_bos_eos: bool = True) -> Document:
+        ids = np.asarray(ids, dtype=np.int64)
+        if add_bos_eos:
+            ids = np.concatenate([[self.tokens.bos], ids, [self.tokens.eos]])
+        return Document([ids])
+
+    def image_caption(self, caption_ids: np.ndarray, latent: torch.Tensor, rng: np.random.Generator) -> Document:
+        caption = np.asarray(caption_ids, dtype=np.int64)
+        bos = np.array([self.tokens.bos], dtype=np.int64)
+        eos = np.array([self.tokens.eos], dtype=np.int64)
+        r = self.recipe
+        if rng.random() < r.image_first_prob:
+            # Image -> caption: limited noise so the model can read the image it captions.
+            image = ImageSegment(latent, max_t=min(r.image_first_max_t, r.num_timesteps))
+            return Document([bos, image, np.concatenate([caption, eos])])
+        if rng.random() < r.caption_dropout:
+            caption = caption[:0]  # unconditional example for classifier-free guidance
+        image = ImageSegment(latent, max_t=r.num_timesteps)
+        return Document([np.concatenate([bos, caption]), image, eos])
