@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The editable install is re-pointed at this checkout every time (cheap), so several clones can
 # share one venv.
 venv: $(STAMP)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || $(PY) -m pip install --no-deps --no-build-isolation -e .
 
 demo: venv
 	$(PY) -m trainer.train --config configs/tiny.yaml
