@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +28,52 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tens
     return out.flatten(-2).type_as(x)
 
 
+class KVCache:
+    """Keys/values of positions already run through the model, per layer: [B, S_cached, H_kv, D].
+
+    Inference only. A forward given a cache attends over the cached keys followed by the new ones
+    (so kv_lo/kv_hi index that concatenation) and appends the new keys, unless `frozen` (diffusion
+    steps re-run noisy patches against a fixed prefix). Keys are stored after RoPE.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, torch.Tensor] = {}
+        self.values: dict[str, torch.Tensor] = {}
+        self.frozen = False
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (0 for an empty cache)."""
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+    def layer(self, name: str) -> "LayerKVCache":
+        return LayerKVCache(self, name)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "KVCache":
+        """A new cache with `fn` applied to every key and value tensor (row selection, padding)."""
+        out = KVCache()
+        out.keys = {n: fn(t) for n, t in self.keys.items()}
+        out.values = {n: fn(t) for n, t in self.values.items()}
+        return out
+
+
+class LayerKVCache:
+    """One layer's view of a KVCache."""
+
+    def __init__(self, cache: KVCache, name: str) -> None:
+        self.cache, self.name = cache, name
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached + new keys and values [B, S_cached + S, H_kv, D]; stores them unless frozen."""
+        c = self.cache
+        if self.name in c.keys:
+            k = torch.cat([c.keys[self.name], k], dim=1)
+            v = torch.cat([c.values[self.name], v], dim=1)
+        if not c.frozen:
+            c.keys[self.name], c.values[self.name] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA; all masking is expressed as per-query key spans."""
 
@@ -40,7 +88,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-        kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+        kv_lo: torch.Tensor, kv_hi: torch.Tensor, cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
         B, S, _ = x.shape
         # Head counts come from the weights so that a tensor-parallel shard sees its local heads.
@@ -48,6 +96,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, S, -1, self.head_dim)  # [B, S, H_kv, D]
         v = self.wv(x).view(B, S, -1, self.head_dim)
         q, k = apply_rope(q, position_ids, inv_freq), apply_rope(k, position_ids, inv_freq)
+        if cache is not None:  # inference: prepend the cached keys; spans index the concatenation
+            k, v = cache.extend(k, v)  # [B, S_cached + S, H_kv, D]
         out = span_attention(q, k, v, kv_lo, kv_hi, backend=self.backend)  # [B, S, H, D]
         return self.wo(out.flatten(2))
 
@@ -77,7 +127,7 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
-        kv_lo: torch.Tensor, kv_hi: torch.Tensor,
+        kv_lo: torch.Tensor, kv_hi: torch.Tensor, cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), position_ids, inv_freq, kv_lo, kv_hi)
+        x = x + self.attention(self.attention_norm(x), position_ids, inv_freq, kv_lo, kv_hi, cache)
         return x + self.feed_forward(self.ffn_norm(x))

@@ -35,6 +35,11 @@ def unpatchify(x: torch.Tensor, p: int, C: int, h: int, w: int) -> torch.Tensor:
     return x.reshape(N, C, h, w)
 
 
+def gather_patches(h: torch.Tensor, is_image: torch.Tensor, num_images: int, P: int) -> torch.Tensor:
+    """Hidden states of the image positions, h [B, S, d] -> [N_img, P, d] (row-major order)."""
+    return h[is_image].view(num_images, P, h.shape[-1])
+
+
 class TimeEmbedding(nn.Module):
     """Sinusoidal timestep features followed by an MLP."""
 
@@ -66,9 +71,10 @@ class LinearPatchDecoder(nn.Module):
         self.p, self.C, self.size = cfg.patch_size, cfg.latent_channels, cfg.latent_size
         self.proj = nn.Linear(cfg.d_model, cfg.latent_channels * self.p * self.p)
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, skips: Skips) -> torch.Tensor:
-        """h [N, P, d_model] -> predicted noise [N, C, h, w]."""
-        return unpatchify(self.proj(h), self.p, self.C, self.size, self.size)
+    def forward(self, h: torch.Tensor, is_image: torch.Tensor, t: torch.Tensor, skips: Skips) -> torch.Tensor:
+        """h [B, S, d_model] at is_image positions -> predicted noise [N_img, C, h, w]."""
+        patches = gather_patches(h, is_image, t.shape[0], (self.size // self.p) ** 2)  # [N_img, P, d]
+        return unpatchify(self.proj(patches), self.p, self.C, self.size, self.size)
 
 
 def _resnet(cin: int, cout: int, temb: int, groups: int) -> ResnetBlock2D:
@@ -137,10 +143,11 @@ class UNetPatchDecoder(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.latent_channels, 3, padding=1)
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor, skips: Skips) -> torch.Tensor:
-        """h [N, P, d_model] -> predicted noise [N, C, h, w]."""
+    def forward(self, h: torch.Tensor, is_image: torch.Tensor, t: torch.Tensor, skips: Skips) -> torch.Tensor:
+        """h [B, S, d_model] at is_image positions -> predicted noise [N_img, C, h, w]."""
         temb = self.time(t)
-        x = self.proj_in(h).transpose(1, 2).unflatten(2, (self.grid, self.grid))  # [N, c_last, g, g]
+        patches = gather_patches(h, is_image, t.shape[0], self.grid**2)  # [N_img, P, d]
+        x = self.proj_in(patches).transpose(1, 2).unflatten(2, (self.grid, self.grid))  # [N, c_last, g, g]
         for j, level in enumerate(self.levels):
             x = torch.cat([x, skips[len(skips) - 1 - j]], dim=1)
             for block in level:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import TransformerBlock, rope_frequencies
+from .layers import KVCache, TransformerBlock, rope_frequencies
 from .patch_codecs import Skips, build_patch_codecs
 
 
@@ -56,25 +56,18 @@ class TransfusionModel(nn.Module):
     ) -> tuple[torch.Tensor, Skips]:
         """Token embeddings with image positions replaced by patch vectors: [B, S, d_model]."""
         h = self.tok_embeddings(tokens)  # [B, S, d]
-        if noisy_latents.shape[0] == 0:
-            return h, []
+        # The codecs run even on an empty image batch, so every rank of a sharded layout joins
+        # their collectives and their parameters always receive a (zero) gradient.
         patches, skips = self.patch_encoder(noisy_latents, timesteps)  # [N_img, P, d]
         # Images appear in row-major order, as do the True positions of is_image.
         return h.masked_scatter(is_image[..., None], patches.to(h.dtype)), skips
 
-    def decode(
-        self, h: torch.Tensor, is_image: torch.Tensor, timesteps: torch.Tensor, skips: Skips,
-        num_images: int,
-    ) -> ModelOutput:
+    def decode(self, h: torch.Tensor, is_image: torch.Tensor, timesteps: torch.Tensor, skips: Skips) -> ModelOutput:
         """Final norm, LM logits for every position and noise predictions for the images."""
         h = self.norm(h)
-        logits = self.output(h)  # [B, S, V]
-        if num_images == 0:
-            size = self.cfg.latent_size
-            empty = h.new_zeros(0, self.cfg.latent_channels, size, size)
-            return ModelOutput(logits, empty)
-        patches = h[is_image].view(num_images, -1, h.shape[-1])  # [N_img, P, d]
-        return ModelOutput(logits, self.patch_decoder(patches, timesteps, skips))
+        # The patch decoder reads the image positions of h itself, so that parallel plans can hand
+        # it the whole (gathered) sequence.
+        return ModelOutput(self.output(h), self.patch_decoder(h, is_image, timesteps, skips))
 
     def forward(
         self,
@@ -85,12 +78,13 @@ class TransfusionModel(nn.Module):
         is_image: torch.Tensor,  # [B, S]
         noisy_latents: torch.Tensor,  # [N_img, C, h, w]
         timesteps: torch.Tensor,  # [N_img]
+        cache: KVCache | None = None,  # inference: keys of earlier positions (spans index cached + new)
     ) -> ModelOutput:
         h, skips = self.embed(tokens, is_image, noisy_latents, timesteps)
         inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device=h.device)
-        for layer in self.layers.values():
-            h = layer(h, position_ids, inv_freq, kv_lo, kv_hi)
-        return self.decode(h, is_image, timesteps, skips, noisy_latents.shape[0])
+        for name, layer in self.layers.items():
+            h = layer(h, position_ids, inv_freq, kv_lo, kv_hi, None if cache is None else cache.layer(name))
+        return self.decode(h, is_image, timesteps, skips)
 
     def num_params(self, exclude: tuple[str, ...] = ()) -> int:
         """Parameter count (works on the meta device), optionally excluding name prefixes."""

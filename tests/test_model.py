@@ -67,7 +67,7 @@ def test_losses_read_only_their_own_positions(model_and_cfg):
     noisy, t, noise = NoiseSchedule(DiffusionConfig()).sample_training_inputs(batch.latents, batch.image_max_t)
     h, skips = model.embed(batch.tokens, batch.is_image, noisy, t)
     h = h.detach().requires_grad_(True)
-    out = model.decode(h, batch.is_image, t, [s.detach() for s in skips], batch.num_images)
+    out = model.decode(h, batch.is_image, t, [s.detach() for s in skips])
     losses = transfusion_loss(out, batch.text_targets, noise, 5.0)
     g_lm, = torch.autograd.grad(losses.lm, h, retain_graph=True)
     g_diff, = torch.autograd.grad(losses.diffusion, h)
@@ -141,5 +141,20 @@ def test_unet_codec_is_timestep_conditioned(tiny_cfg):
     p1, skips = model.patch_encoder(x, torch.tensor([1, 1]))
     p2, _ = model.patch_encoder(x, torch.tensor([900, 900]))
     assert p1.shape == (2, cfg.patches_per_image, cfg.d_model) and not torch.allclose(p1, p2)
-    eps = model.patch_decoder(p1, torch.tensor([1, 1]), skips)
+    is_image = torch.ones(2, cfg.patches_per_image, dtype=torch.bool)
+    eps = model.patch_decoder(p1, is_image, torch.tensor([1, 1]), skips)
     assert eps.shape == x.shape
+
+
+def test_batch_without_images_still_reaches_every_parameter(model_and_cfg):
+    """Codecs run on empty image batches: sharded layouts need every rank in their collectives."""
+    model, cfg = model_and_cfg
+    B, S = 2, 16
+    tokens = torch.randint(10, cfg.vocab_size, (B, S))
+    spans = torch.zeros(B, S, dtype=torch.int32), torch.arange(1, S + 1, dtype=torch.int32).expand(B, S)
+    empty = torch.zeros(0, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    out = model(tokens, torch.arange(S).expand(B, S), *spans, torch.zeros(B, S, dtype=torch.bool), empty,
+                torch.zeros(0, dtype=torch.long))
+    assert out.noise_pred.shape == empty.shape
+    transfusion_loss(out, tokens, empty, 5.0).total.backward()
+    assert all(p.grad is not None for p in model.parameters())
