@@ -1,0 +1,98 @@
+"""The MDS shard schema: the one place that says what a prepared sample holds.
+
+Image-caption shards (written by `data_prep.encode_latents`):
+
+| column        | MDS encoding              | meaning                                                |
+|---------------|---------------------------|--------------------------------------------------------|
+| `key`         | `str`                     | source key (manifest key/path, tar key, parquet row)   |
+| `caption`     | `str`                     | caption text, whitespace-stripped                      |
+| `caption_ids` | `ndarray:int32`           | sentencepiece ids of the caption, **no BOS/EOS**: the  |
+|               |                           | trainer adds BOS/EOS/BOI/EOI when it builds documents  |
+| `latent_mean` | `ndarray:<dt>:C,h,w`      | mean of the VAE posterior, scaled: (mean - shift)·scale |
+| `latent_std`  | `ndarray:<dt>:C,h,w`      | std of the VAE posterior, scaled: std·scale            |
+| `orig_size`   | `ndarray:int32:2`         | original image [height, width] before resize/crop      |
+
+`<dt>` is `float16` by default, or `uint16` holding bfloat16 bit patterns (MDS has no bf16 type):
+a uint16 latent column always means bf16. The shape is fixed per dataset (it is in the column
+encoding), so every sample of a dataset has the same latent shape.
+
+Why mean + std: the trainer draws `z = mean + std · ε` per step (the paper samples the posterior),
+which equals `(vae_sample - shift) · scale`; storing std rather than logvar keeps the draw a single
+fused multiply-add and fp16 holds it well (std·scale is O(0.01..1)). Use `mean` alone for a
+deterministic latent.
+
+Text shards (written by `data_prep.tokenize_text`):
+
+| column   | MDS encoding    | meaning                                  |
+|----------|-----------------|------------------------------------------|
+| `key`    | `str`           | source key (file:document or file:line)  |
+| `tokens` | `ndarray:int32` | BOS + ids + EOS of one document          |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+LATENT_STORAGE: dict[str, str] = {"float16": "float16", "bfloat16": "uint16"}
+TEXT_COLUMNS: dict[str, str] = {"key": "str", "tokens": "ndarray:int32"}
+
+
+def image_columns(latent_shape: Sequence[int], latent_dtype: str = "float16") -> dict[str, str]:
+    """MDS columns of image-caption shards for latents of shape (C, h, w) stored as `latent_dtype`."""
+    if latent_dtype not in LATENT_STORAGE:
+        raise ValueError(f"latent dtype must be one of {sorted(LATENT_STORAGE)}, got {latent_dtype!r}")
+    shape = ",".join(str(int(s)) for s in latent_shape)
+    latent = f"ndarray:{LATENT_STORAGE[latent_dtype]}:{shape}"
+    return {
+        "key": "str",
+        "caption": "str",
+        "caption_ids": "ndarray:int32",
+        "latent_mean": latent,
+        "latent_std": latent,
+        "orig_size": "ndarray:int32:2",
+    }
+
+
+def latents_to_storage(x: torch.Tensor, latent_dtype: str = "float16") -> np.ndarray:
+    """fp32 latents [N, C, h, w] -> numpy array in the stored dtype (bf16 as uint16 bit patterns)."""
+    if latent_dtype == "float16":
+        return x.detach().to("cpu", torch.float16).numpy()
+    if latent_dtype == "bfloat16":
+        return x.detach().to("cpu", torch.bfloat16).view(torch.uint16).numpy()
+    raise ValueError(f"latent dtype must be one of {sorted(LATENT_STORAGE)}, got {latent_dtype!r}")
+
+
+def storage_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """Stored latent array -> tensor in its true dtype (uint16 is read as bf16, see module doc)."""
+    t = torch.from_numpy(np.array(a))  # copy: read-back arrays are read-only views of the shard
+    if t.dtype == torch.uint16:
+        return t.view(torch.bfloat16)
+    return t
+
+
+def sample_latents(
+    sample: Mapping[str, Any], dtype: torch.dtype | None = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A read-back sample dict -> (mean, std), each [C, h, w], cast to `dtype` (None: as stored)."""
+    mean = storage_to_tensor(sample["latent_mean"])
+    std = storage_to_tensor(sample["latent_std"])
+    if dtype is not None:
+        mean, std = mean.to(dtype), std.to(dtype)
+    return mean, std
+
+
+def draw_latent(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One draw from the stored posterior: mean + std * eps (same shape as mean)."""
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+    return mean + std * eps
+
+
+def unscale_latents(z: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """Scaled latents (as stored/trained on) -> the VAE's raw latent space, ready for vae.decode."""
+    z = z / scaling_factor
+    return z + shift_factor if shift_factor is not None else z

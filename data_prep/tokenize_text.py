@@ -1,0 +1,104 @@
+"""Tokenize text corpora into MDS shards of token ids (BOS + ids + EOS per document).
+
+Inputs: `.txt`/`.md` files (one document per blank-line-separated paragraph, or per file with
+`--doc-split file`), JSONL with a text field, Parquet with a text column (`--text-field`).
+Undecodable (non-UTF-8) paragraphs/lines, bad JSON, missing or empty texts are skipped and counted.
+Partitioning (`--rank/--world-size` or SLURM/torchrun variables; units are files, or parquet row
+groups), resumable chunks and reports work as in encode_latents (see `data_prep.sharding`).
+
+    python -m data_prep.tokenize_text --input corpus/ --out shards/text --tokenizer tok/tokenizer.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import readers
+from .cli import local_abspath, parse_with_config, setup_logging
+from .schema import TEXT_COLUMNS
+from .sharding import ShardJob, Stats, merge_parts, partition, resolve_worker
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("data_prep.tokenize_text")
+
+
+class ChunkTokenizer:
+    """The chunk processor: text records -> BOS + ids + EOS rows, tokenized in batches."""
+
+    def __init__(self, tokenizer: Tokenizer, batch_docs: int = 512):
+        self.tokenizer, self.batch_docs = tokenizer, batch_docs
+
+    def __call__(self, records: Iterator[readers.TextRecord], writer: Any, stats: Stats,
+                 tick: Callable[[int], None]) -> None:
+        batch: list[readers.TextRecord] = []
+        for rec in records:
+            if rec.error:
+                stats.skip(rec.error, rec.key)
+                tick(1)
+                continue
+            batch.append(rec)
+            if len(batch) == self.batch_docs:
+                self._flush(batch, writer, stats, tick)
+                batch = []
+        if batch:
+            self._flush(batch, writer, stats, tick)
+
+    def _flush(self, batch: list[readers.TextRecord], writer: Any, stats: Stats, tick: Callable[[int], None]) -> None:
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        for rec, ids in zip(batch, self.tokenizer.encode_batch([r.text for r in batch])):
+            writer.write({"key": rec.key, "tokens": np.asarray([bos, *ids, eos], dtype=np.int32)})
+            stats.written += 1
+        tick(len(batch))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML file of option: value defaults")
+    ap.add_argument("--input", nargs="+", required=True, help="text/markdown, jsonl, parquet files, globs or folders")
+    ap.add_argument("--out", required=True, help="output folder (gets part-XXXXX/ per worker)")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with our special tokens")
+    ap.add_argument("--doc-split", default="paragraph", choices=["paragraph", "file"],
+                    help="for .txt/.md: a document per blank-line-separated paragraph, or per file")
+    ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    ap.add_argument("--rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID or RANK, else 0")
+    ap.add_argument("--world-size", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1")
+    ap.add_argument("--chunk-size", type=int, default=10_000, help="documents per resumable chunk")
+    ap.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard file")
+    ap.add_argument("--compression", default=None, help="MDS compression, e.g. zstd")
+    ap.add_argument("--overwrite", action="store_true", help="delete this worker's earlier output first")
+    ap.add_argument("--no-merge", action="store_true", help="with one worker, do not write the merged index")
+    ap.add_argument("--throttle", type=float, default=0.0, help="testing aid: seconds to wait before each commit")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point; returns this worker's report."""
+    args = parse_with_config(build_parser(), argv)
+    setup_logging()
+    rank, world = resolve_worker(args.rank, args.world_size)
+    tokenizer = Tokenizer(args.tokenizer)
+    source = readers.text_source(args.input, args.doc_split, args.text_field)
+    all_units = source.units()
+    units = partition(all_units, rank, world)
+    settings = {
+        "kind": "text", "inputs": [local_abspath(i) for i in args.input], "doc_split": args.doc_split,
+        "text_field": args.text_field, "tokenizer": local_abspath(args.tokenizer),
+        "special_tokens": tokenizer.special_tokens(), "vocab_size": tokenizer.vocab_size,
+        "tokens": "BOS + ids + EOS",
+    }
+    log.info("worker %d/%d: %d of %d input units", rank, world, len(units), len(all_units))
+    job = ShardJob(args.out, rank, world, args.chunk_size, TEXT_COLUMNS, settings,
+                   size_limit=args.shard_size_limit, compression=args.compression, overwrite=args.overwrite,
+                   throttle=args.throttle)
+    report = job.run(source.records(units), ChunkTokenizer(tokenizer), unit="doc")
+    if world == 1 and not args.no_merge:
+        merge_parts(args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
