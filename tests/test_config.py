@@ -45,7 +45,7 @@ def test_overrides_are_typed():
         ("model.patch_codec=conv", "model.patch_codec: 'conv' is not one of 'linear', 'unet'"),
         ("parallel.tp=3", "parallel.tp=3 does not divide model.n_heads=4"),
         ("train.seq_len=1024", "train.seq_len=1024 exceeds model.max_seq_len=256"),
-        ("model.tokens.boi=9999", "model.tokens.boi=9999 is outside the vocabulary [0, 512)"),
+        ("model.tokens.boi=9999", "model.tokens.boi=9999 is outside the vocabulary [0, 2000)"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

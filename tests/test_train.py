@@ -16,7 +16,7 @@ def test_overfits_fixed_batch(tiny_cfg):
     tiny_cfg.train.steps = 200
     batch = next(build_loader(tiny_cfg))
     assert batch.num_images > 0 and batch.num_text_tokens() > 0
-    trainer = Trainer(tiny_cfg, torch.device("cpu"))
+    trainer = Trainer(tiny_cfg)
     hist = [trainer.train_step([batch]) for _ in range(200)]
     first_lm = sum(r.lm_loss for r in hist[:5]) / 5
     first_diff = sum(r.diffusion_loss for r in hist[:5]) / 5
@@ -47,9 +47,11 @@ def test_full_run_logs_checkpoints_and_is_deterministic(tiny_cfg, tmp_path, caps
     assert ckpts == ["step_00000004", "step_00000006"]  # keep_last=2
     state = torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=False)
     assert state["step"] == 6 and state["config"]["train"]["steps"] == 6
+    assert "loader" in torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
     assert list((tiny_cfg.output_dir / "wandb").glob("offline-run-*"))
     tiny_cfg.logging.wandb = "disabled"
     tiny_cfg.checkpoint.enabled = False
+    tiny_cfg.checkpoint.resume = "none"  # a fresh run in the same folder, not a resume
     h2 = train(tiny_cfg)
     assert [m["loss"] for m in h1] == [m["loss"] for m in h2]  # bitwise reproducible
 
@@ -69,6 +71,6 @@ def test_loader_resume_yields_identical_batches(tiny_cfg):
 
 def test_bf16_autocast_step_runs(tiny_cfg):
     tiny_cfg.train.dtype = "bf16"
-    trainer = Trainer(tiny_cfg, torch.device("cpu"))
+    trainer = Trainer(tiny_cfg)
     result = trainer.train_step([next(build_loader(tiny_cfg))])
     assert torch.isfinite(torch.tensor(result.loss)) and all(p.dtype == torch.float32 for p in trainer.model.parameters())

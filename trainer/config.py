@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,23 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One set of MDS shards written by data_prep/."""
+
+    path: str  # local shard folder (with `remote`: the local cache folder)
+    kind: Literal["image", "text"]
+    proportion: float = 1.0  # share of sequence positions (tokens) drawn from this stream
+    remote: str | None = None  # object-store URL of the shards, streamed into `path`
+
+
+@dataclass
 class DataConfig:
-    source: Literal["synthetic"] = "synthetic"
-    text_fraction: float = 0.5  # share of documents that are text-only
+    source: Literal["synthetic", "streaming"] = "synthetic"
+    streams: list[StreamConfig] = field(default_factory=list)  # for source: streaming
+    shuffle: bool = True
+    max_caption_tokens: int = 128  # longer captions are cut
+    sample_latents: bool = True  # draw each latent from the stored posterior (else use its mean)
+    text_fraction: float = 0.5  # synthetic source: share of documents that are text-only
     image_first_prob: float = 0.2
     caption_dropout: float = 0.1
     image_first_max_t: int = 500
@@ -60,13 +75,32 @@ class DataConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO engine (pure data parallel); a user JSON may override the generated config."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    config_json: str | None = None
+
+
+@dataclass
 class ParallelConfig:
-    """Device mesh dims; their product must equal the number of processes."""
+    """Device mesh dims (their product must equal the number of processes) and how to apply them."""
 
     dp_replicate: int = 1
     dp_shard: int = 1  # -1 = whatever the world size leaves after the other dims
     tp: int = 1
     pp: int = 1
+    engine: Literal["torch", "deepspeed"] = "torch"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    pp_virtual_stages: int = 2  # stages per rank for the interleaved / zero-bubble schedules
+    reshard_after_forward: bool = True  # True: ZeRO-3; False: ZeRO-2-like
+    cpu_offload: bool = False
+    activation_checkpoint: Literal["none", "full", "every_k"] = "none"
+    activation_checkpoint_every: int = 2
+    compile: bool = False
+    meta_init: bool = False  # build the model on the meta device, materialise only local shards
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def resolved(self, world_size: int) -> "ParallelConfig":
         """Concrete dims for `world_size` processes (fills dp_shard=-1); errors name the mismatch."""
@@ -78,7 +112,7 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by dp_replicate*tp*pp={others}",
             )
             shard = world_size // others
-        dims = ParallelConfig(self.dp_replicate, shard, self.tp, self.pp)
+        dims = dataclasses.replace(self, dp_shard=shard)
         require(
             others * shard == world_size,
             f"world size {world_size} != dp_replicate*dp_shard*tp*pp = "
@@ -91,7 +125,11 @@ class ParallelConfig:
 class CheckpointConfig:
     interval: int = 1000  # steps between saves; 0 = only at the end
     keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     enabled: bool = True
+    resume: str = "auto"  # auto (latest in <output_dir>/checkpoints, if any) | none | a checkpoint path
+    async_save: bool = False  # overlap the write with training (DCP async_save)
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before saving and stopping
 
 
 @dataclass
@@ -137,6 +175,15 @@ class Config:
         for name in ("text_fraction", "image_first_prob", "caption_dropout"):
             v = getattr(d, name)
             require(0 <= v <= 1, f"data.{name} must lie in [0, 1], got {v}")
+        if d.source == "streaming":
+            require(bool(d.streams), "data.source=streaming needs at least one entry in data.streams")
+            for i, st in enumerate(d.streams):
+                require(st.proportion > 0, f"data.streams[{i}].proportion must be positive, got {st.proportion}")
+            require(
+                d.max_caption_tokens + m.patches_per_image + 4 <= t.seq_len,
+                f"an image document (data.max_caption_tokens={d.max_caption_tokens} + "
+                f"{m.patches_per_image} patches + 4 special tokens) does not fit train.seq_len={t.seq_len}",
+            )
         require(
             0 < d.image_first_max_t <= self.diffusion.num_timesteps,
             f"data.image_first_max_t={d.image_first_max_t} must lie in (0, diffusion.num_timesteps]",
@@ -147,10 +194,37 @@ class Config:
         require(m.n_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}")
         require(m.kv_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.kv_heads}")
         require(m.vocab_size % p.tp == 0, f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}")
-        require(p.pp <= m.n_layers, f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+        require(t.seq_len % p.tp == 0, f"parallel.tp={p.tp} does not divide train.seq_len={t.seq_len} (sequence parallel)")
+        multi = p.pp_schedule in ("interleaved_1f1b", "zero_bubble")
+        n_stages = p.pp * (p.pp_virtual_stages if multi and p.pp > 1 else 1)
+        require(
+            n_stages <= m.n_layers,
+            f"parallel.pp={p.pp} x {n_stages // p.pp} stages per rank exceeds model.n_layers={m.n_layers}",
+        )
+        if p.pp > 1:
+            require(
+                t.grad_accum >= p.pp and (not multi or t.grad_accum % p.pp == 0),
+                f"parallel.pp={p.pp} needs train.grad_accum (the pipeline's micro-batches) >= {p.pp}"
+                + (f" and a multiple of {p.pp}" if multi else "") + f", got {t.grad_accum}",
+            )
+        if p.engine == "deepspeed":
+            require(
+                p.tp == 1 and p.pp == 1,
+                f"parallel.engine=deepspeed runs ZeRO data parallelism only, which does not compose with "
+                f"tensor or pipeline parallelism; set parallel.tp=1 and parallel.pp=1 (got tp={p.tp}, "
+                f"pp={p.pp}) or use parallel.engine=torch",
+            )
+        require(p.activation_checkpoint_every >= 1, "parallel.activation_checkpoint_every must be >= 1")
+        require(
+            p.engine != "deepspeed" or not self.checkpoint.enabled,
+            "checkpoints are not implemented for parallel.engine=deepspeed yet; set "
+            "checkpoint.enabled=false or use parallel.engine=torch (FSDP2 covers ZeRO-2/3)",
+        )
         require(self.logging.log_every >= 1, "logging.log_every must be >= 1")
         require(self.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+        require(self.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+        require(self.checkpoint.max_bad_steps >= 1, "checkpoint.max_bad_steps must be >= 1")
 
     @property
     def output_dir(self) -> Path:

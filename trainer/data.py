@@ -55,14 +55,20 @@ def document_builder(cfg: Config) -> DocumentBuilder:
     return DocumentBuilder(cfg.model.tokens, recipe)
 
 
-def build_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PackedLoader:
-    """The training loader for this data-parallel rank, as the config describes it."""
+def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, replication: int = 1) -> PackedLoader:
+    """The training loader for data-parallel rank `rank` of `world_size`.
+
+    `replication`: how many consecutive processes (tensor/pipeline ranks of one replica) read the
+    same data; streaming sources get it from the launcher's environment, synthetic ones from rank.
+    """
     builder = document_builder(cfg)
     if cfg.data.source == "synthetic":
         from .synthetic import SyntheticSource
 
         source: DocumentSource = SyntheticSource(cfg.data, cfg.model, builder, cfg.train.seed, rank, world_size)
-    else:  # pragma: no cover - guarded by the config's Literal type
-        raise ValueError(f"unknown data.source {cfg.data.source!r}")
+    else:
+        from .streaming import StreamingSource
+
+        source = StreamingSource(cfg, builder, replication)
     packer = SequencePacker(cfg.train.seq_len, cfg.model.patches_per_image, cfg.model.tokens, cfg.data.max_waiting_images)
     return PackedLoader(source, packer, cfg.train.batch_size, cfg.model)

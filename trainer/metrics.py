@@ -1,7 +1,12 @@
-"""Per-step metrics to stdout and to wandb (offline unless the user configured online)."""
+"""Per-step metrics to stdout, to `<output_dir>/metrics.jsonl` (full precision) and to wandb.
+
+wandb is offline unless the user configured online; a resumed run continues the same wandb run
+(same id) and appends to the same metrics file, so step counts continue across restarts.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,26 +15,44 @@ from .config import LoggingConfig
 
 
 class MetricsLogger:
-    """Prints one line per logged step and mirrors the numbers to a wandb run."""
+    """Prints one line per logged step and mirrors the numbers to metrics.jsonl and wandb."""
 
-    def __init__(self, cfg: LoggingConfig, output_dir: Path, config: dict[str, Any], enabled: bool = True) -> None:
+    def __init__(
+        self, cfg: LoggingConfig, output_dir: Path, config: dict[str, Any], enabled: bool = True,
+        resume_id: str | None = None,
+    ) -> None:
         self.cfg, self.enabled, self.run = cfg, enabled, None
-        if enabled and cfg.wandb != "disabled":
+        self.jsonl = output_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb != "disabled":
             import wandb
 
-            output_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
-                project=cfg.project, name=cfg.run_name, mode=cfg.wandb, dir=str(output_dir),
-                config=config, settings=wandb.Settings(console="off", silent=True),
+                project=cfg.project, name=cfg.run_name, mode=cfg.wandb, dir=str(output_dir), config=config,
+                id=resume_id, resume="allow" if resume_id else None,
+                settings=wandb.Settings(console="off", silent=True),
             )
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         if self.run is not None:
             self.run.log(metrics, step=step)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in metrics.items()]
         print(" | ".join(parts), file=sys.stdout, flush=True)
+
+    def event(self, message: str) -> None:
+        """A one-off message (skipped step, preemption) for the log."""
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
 
     @property
     def run_dir(self) -> str | None:

@@ -10,9 +10,9 @@ import torch.nn as nn
 from .config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer_for(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; norms, biases and other 1-D parameters get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [

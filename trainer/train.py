@@ -1,4 +1,4 @@
-"""Single-process training entry point: `python -m trainer.train --config configs/tiny.yaml [k=v ...]`.
+"""Training entry point: `[torchrun --nproc-per-node N -m] python -m trainer.train --config configs/tiny.yaml [k=v ...]`.
 
 One step = grad_accum micro-batches of packed rows -> L_LM + lambda * L_DDPM -> clip -> AdamW ->
 LR schedule. Diffusion noise for each micro-batch comes from a generator seeded by (seed, step,
@@ -18,15 +18,21 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
 
-from model import NoiseSchedule, PackedBatch, TransfusionModel, training_forward
+from model import ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
 from model.config_base import ConfigError
+from parallel.dims import DistEnv, ParallelDims, init_distributed
+from parallel.grad_clip import clip_grad_norm
+from parallel.parallelize import ParallelModel, parallelize
 
-from .checkpoint import save_checkpoint
+from .checkpoint import Checkpointer, load_checkpoint, resolve_resume
 from .config import Config, load_config
 from .data import build_loader
 from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer_for, build_scheduler
+from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
 
 log = logging.getLogger("trainer")
 
@@ -40,7 +46,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def noise_generator(device: torch.device, seed: int, step: int, micro: int) -> torch.Generator:
-    """A generator whose stream depends only on (seed, step, micro-batch): resumable noise."""
+    """A generator whose stream depends only on (seed, step, global micro-batch): resumable noise,
+    and the same noise for a micro-batch whichever data-parallel rank processes it."""
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + step) * 1009 + micro)
     return gen
@@ -54,54 +61,171 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int
+    skipped: bool = False  # a non-finite loss or gradient: no update was made
+
+
+def image_capacity(cfg: Config) -> int:
+    """Most images one micro-batch can hold (pipeline buffers are sized for it)."""
+    return cfg.train.batch_size * (cfg.train.seq_len // (cfg.model.patches_per_image + 2))
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule and noise schedule; `train_step` runs one step."""
+    """Owns the (parallelised) model, optimizer and schedules; `train_step` runs one step."""
 
-    def __init__(self, cfg: Config, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
         self.cfg = cfg
-        self.device = device or resolve_device(cfg.train.device)
+        p = cfg.parallel
+        self.env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
+        self.device = self.env.device
         torch.manual_seed(cfg.train.seed)
-        self.model = TransfusionModel(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        with torch.device("meta") if p.meta_init else contextlib.nullcontext():
+            model = TransfusionModel(cfg.model)
         self.schedule = NoiseSchedule(cfg.diffusion)
+        self._pp_losses: list[torch.Tensor] = []
+        self.engine = None  # a DeepSpeedEngine when parallel.engine=deepspeed
+        if p.engine == "deepspeed":
+            self._init_deepspeed(model)
+        else:
+            self.pm = parallelize(
+                model, self.env, p, cfg.train.dtype, cfg.train.grad_accum, image_capacity(cfg), self._pipeline_loss
+            )
+            self.model = self.pm.parts[0]
+            self.optimizer = build_optimizer_for(list(self.pm.parameters()), cfg.optim)
+            self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
+
+    def _init_deepspeed(self, model: TransfusionModel) -> None:
+        """DeepSpeed ZeRO engine over the plain model (pure data parallel; tp = pp = 1 is validated)."""
+        from parallel.activation import apply_activation_checkpointing, apply_compile
+        from parallel.deepspeed_engine import build_engine
+
+        p = self.cfg.parallel
+        apply_activation_checkpointing(model, p.activation_checkpoint, p.activation_checkpoint_every)
+        if p.compile:
+            apply_compile(model)
+        self.engine, self.scheduler = build_engine(model, self.cfg, self.device)
+        self.model = self.engine.module
+        self.pm = ParallelModel([self.model])
+        self.optimizer = self.engine.optimizer
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.train.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        return loss_parallel() if self.pm.loss_parallel else contextlib.nullcontext()
+
+    def _pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
+        logits, noise_pred, noise = outputs
+        losses = transfusion_loss(ModelOutput(logits, noise_pred), text_targets, noise, self.cfg.diffusion.loss_weight)
+        self._pp_losses.append(torch.stack([losses.total, losses.lm, losses.diffusion]).detach())
+        return losses.total
+
+    def _noised(self, batch: PackedBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        global_micro = self.env.dp_rank * self.cfg.train.grad_accum + micro
+        gen = noise_generator(self.device, self.cfg.train.seed, self.step, global_micro)
+        return self.schedule.sample_training_inputs(batch.latents, batch.image_max_t, gen)
+
     def train_step(self, batches: list[PackedBatch]) -> StepResult:
-        """One optimizer step over `batches` (one per micro-batch)."""
-        self.model.train()
+        """One optimizer step over `batches` (this rank's micro-batches)."""
+        if self.engine is not None:
+            return self._deepspeed_step(batches)
+        self.pm.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
+        batches = [b.to(self.device) for b in batches]
+        with self._loss_context():
+            totals = self._pipeline_step(batches) if self.pm.schedule else self._plain_step(batches)
+        tokens = sum(b.tokens.numel() for b in batches)
+        grad_norm = clip_grad_norm(
+            self.pm.parameters(), self.cfg.optim.grad_clip or float("inf"),
+            self.env.group("pp") if self.env.dims.pp > 1 else None,
+        )
+        if self.env.dims.dp > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.AVG, group=self.env.group("dp"))
+        # The grad norm is global and the losses are averaged over data-parallel ranks, so every
+        # rank takes the same decision.
+        finite = bool(torch.isfinite(totals).all()) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss, lm, diff = totals.tolist()
+        return StepResult(loss, lm, diff, float(grad_norm), lr, tokens, skipped=not finite)
+
+    def _plain_step(self, batches: list[PackedBatch]) -> torch.Tensor:
         totals = torch.zeros(3, device=self.device)
-        tokens = 0
         for micro, batch in enumerate(batches):
-            batch = batch.to(self.device)
-            gen = noise_generator(self.device, self.cfg.train.seed, self.step, micro)
+            self.pm.set_gradient_sync(micro == len(batches) - 1)
+            noisy, t, noise = self._noised(batch, micro)
             with self.autocast():
-                losses = training_forward(self.model, self.schedule, batch, self.cfg.diffusion.loss_weight, gen)
+                out = self.model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
+                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight)
             (losses.total / len(batches)).backward()
             totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach() / len(batches)
-            tokens += batch.tokens.numel()
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        loss, lm, diff = totals.tolist()
-        return StepResult(loss, lm, diff, float(grad_norm), lr, tokens)
+        return totals
 
-    def train_state(self, loader_state: dict) -> dict:
-        return {
-            "step": self.step, "scheduler": self.scheduler.state_dict(), "loader": loader_state,
-            "config": self.cfg.to_dict(),
-        }
+    def _deepspeed_step(self, batches: list[PackedBatch]) -> StepResult:
+        """One step through the DeepSpeed engine: it scales each micro-batch loss by 1/grad_accum,
+        averages gradients over dp, clips, and runs our AdamW + LR schedule at the last micro-batch."""
+        from parallel.deepspeed_engine import grad_norm
+
+        engine = self.engine
+        if len(batches) != engine.gradient_accumulation_steps():
+            raise ValueError(
+                f"DeepSpeed expects {engine.gradient_accumulation_steps()} micro-batches per step, got {len(batches)}"
+            )
+        engine.train()
+        lr = self.scheduler.get_last_lr()[0]
+        batches = [b.to(self.device) for b in batches]
+        totals = torch.zeros(3, device=self.device)
+        for micro, batch in enumerate(batches):
+            noisy, t, noise = self._noised(batch, micro)
+            with self.autocast():
+                out = engine(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
+                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight)
+            engine.backward(losses.total)
+            engine.step()  # optimizer + LR schedule only at the accumulation boundary
+            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float() / len(batches)
+        self.step += 1
+        if self.env.dims.dp > 1:
+            dist.all_reduce(totals, op=dist.ReduceOp.AVG, group=self.env.group("dp"))
+        loss, lm, diff = totals.tolist()
+        return StepResult(loss, lm, diff, grad_norm(engine), lr, sum(b.tokens.numel() for b in batches))
+
+    def _pipeline_step(self, batches: list[PackedBatch]) -> torch.Tensor:
+        kwarg_mbs, target_mbs = [], []
+        for micro, batch in enumerate(batches):
+            noisy, t, noise = self._noised(batch, micro)
+            kwarg_mbs.append({
+                "position_ids": batch.position_ids, "kv_lo": batch.kv_lo, "kv_hi": batch.kv_hi,
+                "is_image": batch.is_image, "noisy_latents": noisy, "timesteps": t, "noise": noise,
+            })
+            target_mbs.append(batch.text_targets)
+        self._pp_losses.clear()
+        first = any(part.is_first for part in self.pm.parts)
+        with self.autocast():
+            self.pm.schedule.step(
+                arg_mbs=[(b.tokens,) for b in batches] if first else None, kwarg_mbs=kwarg_mbs,
+                target_mbs=target_mbs if self.pm.has_last_stage else None, return_outputs=False,
+            )
+        totals = torch.zeros(3, device=self.device)
+        # Stage set-up on the first step also calls the loss function (shape inference): keep the real ones.
+        for losses in self._pp_losses[-len(batches):]:
+            totals += losses.float() / len(batches)
+        # Only the last stage computed the losses; share them with the other stages.
+        dist.all_reduce(totals, group=self.env.group("pp"))
+        return totals
+
+    def train_state(self, **extra: object) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(), **extra}
+
+    def load_train_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _micro_batches(loader: Iterator[PackedBatch], n: int) -> list[PackedBatch]:
@@ -109,43 +233,93 @@ def _micro_batches(loader: Iterator[PackedBatch], n: int) -> list[PackedBatch]:
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
-    """Run the configured training; returns the per-step metrics."""
-    trainer = Trainer(cfg)
-    loader = build_loader(cfg)
-    out = cfg.output_dir
-    logger = MetricsLogger(cfg.logging, out, cfg.to_dict())
-    n_params = trainer.model.num_params()
-    print(f"model: {n_params / 1e6:.2f}M parameters on {trainer.device}; training {cfg.train.steps} steps")
+    """Run the configured training on this process's share of the layout; returns per-step metrics.
+
+    Resumes from `checkpoint.resume`, saves every `checkpoint.interval` steps, and on SIGUSR1 or
+    SIGTERM finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    p = cfg.parallel = cfg.parallel.resolved(world)
+    device_type = None if cfg.train.device == "auto" else cfg.train.device
+    env = init_distributed(ParallelDims.from_config(p), device_type=device_type)
+    trainer = Trainer(cfg, env)
+    loader = build_loader(cfg, env.dp_rank, env.dims.dp, replication=env.dims.pp * env.dims.tp)
+    out, ck = cfg.output_dir, cfg.checkpoint
+    checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
+    wandb_id = None
+    resume_from = resolve_resume(ck.resume, out / "checkpoints")
+    if resume_from is not None:
+        state, rank_state = load_checkpoint(resume_from, trainer.pm.parts, trainer.optimizer, cfg.to_dict())
+        trainer.load_train_state(state)
+        wandb_id = state.get("wandb_id")
+        if rank_state.get("dp") == (env.dp_rank, env.dims.dp):
+            loader.load_state_dict(rank_state["loader"])
+        else:
+            log.warning("data-parallel layout changed since %s: the data order restarts", resume_from)
+    logger = MetricsLogger(cfg.logging, out, cfg.to_dict(), enabled=env.is_main, resume_id=wandb_id)
+    if env.is_main:
+        n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
+        start = f"resuming at step {trainer.step} from {resume_from}" if resume_from else "starting"
+        print(f"model: {n}on {env.device} x {env.dims.world_size} ({env.dims}); {start}; {cfg.train.steps} steps")
+    preemption = PreemptionWatcher()
     history: list[dict[str, float]] = []
-    ckpt_root = out / "checkpoints"
     last_ckpt: Path | None = None
+    bad_steps, exit_code = 0, 0
+
+    def save() -> Path:
+        return checkpointer.save(
+            trainer.step, trainer.pm.parts, trainer.optimizer, trainer.train_state(wandb_id=logger.run_id),
+            {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)},
+        )
+
     try:
         while trainer.step < cfg.train.steps:
             t0 = time.perf_counter()
             result = trainer.train_step(_micro_batches(loader, cfg.train.grad_accum))
             dt = time.perf_counter() - t0
+            step = trainer.step
+            if result.skipped:
+                bad_steps += 1
+                logger.event(f"step {step + 1}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
+                             f"update skipped ({bad_steps} in a row)")
+                if bad_steps >= ck.max_bad_steps:
+                    last_ckpt = save() if ck.enabled else None
+                    raise TrainingDiverged(
+                        f"{bad_steps} consecutive non-finite steps at step {step}; saved {last_ckpt}. "
+                        "Lower optim.lr, check the data, or resume from an earlier checkpoint."
+                    )
+                continue
+            bad_steps = 0
             metrics = {
                 "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
-                "grad_norm": result.grad_norm, "lr": result.lr, "tokens_per_s": result.tokens / dt,
+                "grad_norm": result.grad_norm, "lr": result.lr,
+                "tokens_per_s": result.tokens * env.dims.dp / dt,
             }
             history.append(metrics)
-            step = trainer.step
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
-            ck = cfg.checkpoint
-            if ck.enabled and ((ck.interval and step % ck.interval == 0) or step == cfg.train.steps):
-                last_ckpt = save_checkpoint(
-                    ckpt_root, step, trainer.model, trainer.optimizer,
-                    trainer.train_state(loader.state_dict()), ck.keep_last,
-                )
+            preempted = preemption.requested()
+            if ck.enabled and (preempted or (ck.interval and step % ck.interval == 0) or step == cfg.train.steps):
+                last_ckpt = save()
+            if preempted:
+                logger.event(f"preemption signal: saved step {step} to {last_ckpt}; exiting for requeue")
+                if env.is_main:  # tells slurm/pretrain_7b.sh to requeue (torchrun hides exit codes)
+                    (out / "REQUEUE").write_text(f"{step}\n")
+                exit_code = REQUEUE_EXIT_CODE
+                break
+        checkpointer.wait()
     finally:
         run_dir = logger.run_dir
         logger.close()
-    print(f"done: {trainer.step} steps; outputs in {out}")
-    if last_ckpt is not None:
-        print(f"checkpoint: {last_ckpt}")
-    if run_dir is not None:
-        print(f"wandb run: {run_dir}")
+        preemption.restore()
+    if env.is_main:
+        print(f"done: {trainer.step} steps; outputs in {out}")
+        if last_ckpt is not None:
+            print(f"checkpoint: {last_ckpt}")
+        if run_dir is not None:
+            print(f"wandb run: {run_dir}")
+    if exit_code:
+        raise Preempted(exit_code)
     return history
 
 
@@ -161,17 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
     try:
         cfg = load_config(args.config, args.overrides)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:
-            raise ConfigError(
-                f"launched with WORLD_SIZE={world_size}, but multi-process layouts are not built yet "
-                "(issue 5, parallel/); run one process"
-            )
-        cfg.parallel = cfg.parallel.resolved(world_size)
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        return e.exit_code
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

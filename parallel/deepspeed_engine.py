@@ -1,0 +1,176 @@
+"""DeepSpeed ZeRO as the alternative data-parallel engine (`parallel.engine: deepspeed`).
+
+Pure data parallelism: ZeRO stage 1, 2 or 3 over all ranks, optional optimizer offload to CPU.
+The DeepSpeed config is generated from our YAML (no JSON needed); `parallel.deepspeed.config_json`
+is deep-merged on top of it.
+
+Mapping (ours -> DeepSpeed):
+    train.batch_size               -> train_micro_batch_size_per_gpu
+    train.grad_accum               -> gradient_accumulation_steps
+    optim.grad_clip (0 = off)      -> gradient_clipping (0 = off)
+    parallel.deepspeed.zero_stage  -> zero_optimization.stage
+    parallel.deepspeed.offload_optimizer -> zero_optimization.offload_optimizer.device = cpu
+    train.dtype == bf16            -> bf16.enabled (fp32 master weights in the ZeRO optimizer)
+    optim.* (AdamW, LR schedule)   -> our own torch AdamW (trainer.optim.build_optimizer_for) and
+                                      LambdaLR (build_scheduler), handed to deepspeed.initialize.
+
+Why the client optimizer rather than DeepSpeed's `"optimizer": {"type": "AdamW"}`: with ours the
+update is the very same torch AdamW code as the single-process and FSDP runs (applied to ZeRO's
+flat fp32 partitions, which is the same element-wise arithmetic), with the same two param groups
+(weight decay on matrices only; DeepSpeed's configured optimizer applies one weight_decay, default 0,
+to whatever it is given, and on CPU is its own compiled Adam kernel) and the same warmup+cosine LambdaLR, which DeepSpeed steps once per optimizer step
+exactly where our trainer does. DeepSpeed's gradient clipping multiplies by
+max_norm / (norm + 1e-6) when that is < 1, the same rule as parallel.grad_clip. engine.backward
+divides the loss by gradient_accumulation_steps and the ZeRO reduction averages over the dp ranks,
+which together are the single process's 1 / (dp * grad_accum).
+
+A user JSON that sets its own "optimizer" section switches to DeepSpeed's optimizer (our two param
+groups are still passed, our LR schedule still multiplies its lr); that path is not bit-for-bit
+the reference any more.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model.config_base import ConfigError
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in: nested dicts merge key by key, the rest replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_ds_config(cfg) -> dict[str, Any]:
+    """The DeepSpeed config for a trainer Config (see the module docstring for the mapping)."""
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    ds = p.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": float(o.grad_clip),
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.device != "cpu" and torch.cuda.is_available()}
+        # Our torch AdamW then steps the CPU partitions (exact, slower than DeepSpeedCPUAdam).
+        config["zero_force_ds_cpu_optimizer"] = False
+    if ds.config_json:
+        path = Path(ds.config_json)
+        if not path.is_file():
+            raise ConfigError(f"parallel.deepspeed.config_json '{path}' does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"parallel.deepspeed.config_json '{path}' is not valid JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"parallel.deepspeed.config_json '{path}' must hold a JSON object")
+        config = deep_merge(config, user)
+    return config
+
+
+def _check_layout(cfg) -> None:
+    """Options of the torch engine that have no meaning under DeepSpeed fail here, not silently."""
+    p = cfg.parallel
+    bad = {
+        "parallel.dp_replicate > 1 (DeepSpeed ZeRO partitions over all data-parallel ranks; "
+        "use parallel.dp_shard)": p.dp_replicate > 1,
+        "parallel.cpu_offload (FSDP's; use parallel.deepspeed.offload_optimizer)": p.cpu_offload,
+        "parallel.meta_init (DeepSpeed needs a materialised model)": p.meta_init,
+    }
+    for what, hit in bad.items():
+        if hit:
+            raise ConfigError(f"parallel.engine=deepspeed does not support {what}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_deepspeed_distributed(device: torch.device) -> None:
+    """deepspeed.init_distributed on the launcher's env (torchrun), gloo on CPU, NCCL on GPU.
+
+    If the trainer already created the default process group DeepSpeed adopts it. A plain
+    single-process run gets a one-rank group (DeepSpeed always needs one).
+    """
+    import deepspeed
+
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def build_engine(model: nn.Module, cfg, device: torch.device):
+    """Wrap the plain model in a DeepSpeedEngine; returns (engine, scheduler).
+
+    The scheduler is our LambdaLR, built on the client AdamW and stepped by the engine.
+    """
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError(
+            f"parallel.engine=deepspeed needs the deepspeed package ({e}); "
+            "install the extra: pip install '.[deepspeed]'"
+        ) from None
+    from trainer.optim import build_optimizer_for, build_scheduler
+
+    _check_layout(cfg)
+    ds_config = build_ds_config(cfg)
+    init_deepspeed_distributed(device)
+    total_steps = cfg.train.steps
+    if "optimizer" in ds_config:
+        # DeepSpeed builds its own optimizer over our param groups; our schedule scales its lr.
+        groups = [
+            {"params": g["params"], "weight_decay": g["weight_decay"]}
+            for g in build_optimizer_for(list(model.parameters()), cfg.optim).param_groups
+        ]
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, total_steps), config=ds_config,
+        )
+    else:
+        optimizer = build_optimizer_for(list(model.parameters()), cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        )
+    return engine, scheduler
+
+
+def grad_norm(engine) -> float:
+    """The global gradient norm (before clipping) of the engine's last optimizer step."""
+    norm = engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on every rank (ZeRO-3 partitions gathered), on CPU."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

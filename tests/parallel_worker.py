@@ -1,0 +1,87 @@
+"""Runs training layouts on spawned gloo ranks for the equivalence tests (see test_parallel.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from trainer.checkpoint import merge_parts
+from trainer.config import Config, load_config
+from trainer.data import build_loader
+from trainer.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# A small model that still has GQA, several layers for pipeline stages, and images in every row.
+BASE = [
+    "model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+    "model.max_seq_len=64", "train.seq_len=64", "train.batch_size=2", "train.grad_accum=2", "train.steps=3",
+    "optim.warmup_steps=1", "optim.lr=1e-3", "optim.grad_clip=0.5", "logging.wandb=disabled",
+    # Adam divides by sqrt(v) + eps: with eps 1e-8 a gradient element near 1e-9 turns summation-order
+    # noise into visible parameter differences; 1e-6 keeps the comparison about the layouts.
+    "optim.eps=1e-6",
+    "checkpoint.enabled=false", "data.source=synthetic", "data.text_fraction=0.4", "train.device=cpu",
+]
+
+
+def layout_config(overrides: list[str]) -> Config:
+    return load_config(REPO / "configs" / "tiny.yaml", BASE + overrides)
+
+
+def global_batches(cfg: Config, dp: int) -> list[list]:
+    """For each step, the dp * grad_accum micro-batches of the whole data-parallel group."""
+    loader = build_loader(cfg)
+    n = dp * cfg.train.grad_accum
+    return [[next(loader) for _ in range(n)] for _ in range(cfg.train.steps)]
+
+
+def run_training(cfg: Config, env=None, dp: int = 1, dp_rank: int = 0) -> tuple[list[float], dict]:
+    """Train on this rank's slice of the global batches; return per-step losses and full params."""
+    trainer = Trainer(cfg, env)
+    per_rank = cfg.train.grad_accum
+    losses = []
+    for step_batches in global_batches(cfg, dp):
+        mine = step_batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        losses.append(trainer.train_step(mine).loss)
+    if trainer.engine is not None:  # DeepSpeed: gather ZeRO-3 partitions through the engine
+        from parallel.deepspeed_engine import full_state_dict
+
+        return losses, full_state_dict(trainer.engine)
+    # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    sd = get_model_state_dict(merge_parts(trainer.pm.parts), options=opts)
+    return losses, {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, port: int, layouts: list[tuple[str, list[str]]], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from parallel.dims import ParallelDims, init_distributed
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for name, overrides in layouts:
+        result: dict = {}
+        try:
+            cfg = layout_config(overrides)
+            p = cfg.parallel = cfg.parallel.resolved(world)
+            env = init_distributed(ParallelDims.from_config(p), device_type="cpu")
+            # Each data-parallel replica trains on its own grad_accum micro-batches of the global set.
+            losses, sd = run_training(cfg, env, env.dims.dp, env.dp_rank)
+            result = {"losses": losses, "params": sd}
+        except Exception:  # reported to the test, which fails with the traceback
+            result = {"error": traceback.format_exc()}
+        torch.save(result, Path(out) / f"{name}.rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()

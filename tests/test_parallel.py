@@ -1,0 +1,83 @@
+"""Every parallel layout trains like one process running the plain model (gloo ranks on CPU).
+
+Layouts of one world size run in one spawned process group, one after another. The reference is
+the plain model in this process with grad_accum = dp * grad_accum over the same micro-batches and
+the same diffusion noise, which is exactly what data parallelism averages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.parallel_worker import free_port, layout_config, run_training, worker
+
+LOSS_RTOL = 1e-5
+PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
+
+LAYOUTS = {
+    2: {
+        "fsdp2": ["parallel.dp_shard=2"],
+        "zero2_fsdp2": ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+        "tp2_sp": ["parallel.tp=2"],
+        "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
+        "pp2_interleaved": ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+        "pp2_gpipe_unet": ["parallel.pp=2", "parallel.pp_schedule=gpipe", "model.patch_codec=unet"],
+        "fsdp2_unet_ac": ["parallel.dp_shard=2", "model.patch_codec=unet", "parallel.activation_checkpoint=full"],
+    },
+    4: {
+        "hsdp2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+        "tp2_fsdp2": ["parallel.tp=2", "parallel.dp_shard=2"],
+        "pp2_tp2": ["parallel.pp=2", "parallel.tp=2"],
+    },
+}
+
+
+@functools.cache
+def layout_results(world: int, tmp: str) -> dict:
+    layouts = list(LAYOUTS[world].items())
+    mp.start_processes(worker, args=(world, free_port(), layouts, tmp), nprocs=world, start_method="spawn")
+    return {
+        name: [torch.load(f"{tmp}/{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+        for name, _ in layouts
+    }
+
+
+@functools.cache
+def reference(overrides: tuple[str, ...], dp: int) -> tuple[list[float], dict]:
+    cfg = layout_config([o for o in overrides if not o.startswith("parallel.")] +
+                        [o for o in overrides if o.startswith("parallel.activation")])
+    cfg.train.grad_accum *= dp
+    return run_training(cfg)
+
+
+def dp_size(overrides: list[str]) -> int:
+    dims = {o.split("=")[0].split(".")[1]: int(o.split("=")[1]) for o in overrides
+            if o.split("=")[0] in ("parallel.dp_shard", "parallel.dp_replicate")}
+    return dims.get("dp_shard", 1) * dims.get("dp_replicate", 1)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("parallel"))
+
+
+@pytest.mark.parametrize("world, name", [(w, n) for w, ls in LAYOUTS.items() for n in ls])
+def test_layout_matches_single_process(world, name, results_dir):
+    overrides = LAYOUTS[world][name]
+    ranks = layout_results(world, results_dir)[name]
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    ref_losses, ref_params = reference(tuple(overrides), dp_size(overrides))
+    for r, res in enumerate(ranks):
+        assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
+    # Pipeline ranks each hold their stages' parameters: together they must cover the model.
+    merged = {}
+    for res in ranks:
+        merged.update(res["params"])
+    assert merged.keys() == ref_params.keys()
+    for key, want in ref_params.items():
+        torch.testing.assert_close(merged[key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=lambda m: f"{key}: {m}")

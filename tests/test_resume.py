@@ -1,0 +1,140 @@
+"""Checkpoints: exact resume after SIGKILL, SIGUSR1 -> save + requeue exit, skipped non-finite
+steps, half-written checkpoints never loaded, unsafe config changes refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model.config_base import ConfigError
+from tests.conftest import REPO
+from trainer.checkpoint import Checkpointer, checkpoint_dirs, load_checkpoint, resolve_resume
+from trainer.preemption import REQUEUE_EXIT_CODE, TrainingDiverged
+from trainer.train import Trainer, train
+
+SMALL = ["model.n_layers=2", "train.batch_size=2", "train.seq_len=128", "model.max_seq_len=128",
+         "logging.wandb=disabled", "logging.log_every=1", "data.source=synthetic", "train.device=cpu",
+         "optim.warmup_steps=2"]
+
+
+def launch(out, *extra):
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny.yaml"),
+           *SMALL, f"train.output_dir={out}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def losses_by_step(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # a replayed step keeps its last value
+
+
+def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
+    steps = ["train.steps=24", "checkpoint.interval=3"]
+    ref = launch(tmp_path / "ref", *steps)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
+    run = tmp_path / "run"
+    first = launch(run, *steps)
+    while not checkpoint_dirs(run / "checkpoints") and first.poll() is None:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    resumed_at = int(checkpoint_dirs(run / "checkpoints")[-1].name.split("_")[1])
+    assert resumed_at < 24, "the first run finished before it was killed; nothing was resumed"
+    second = launch(run, *steps)
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-2000:]
+    assert f"resuming at step {resumed_at}" in out
+    want, got = losses_by_step(tmp_path / "ref"), losses_by_step(run)
+    assert sorted(got) == list(range(1, 25))
+    assert got == want  # bitwise: same floats for every step
+
+
+def test_sigusr1_saves_and_exits_for_requeue(tmp_path):
+    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0")
+    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-2000:]
+    step = max(losses_by_step(tmp_path))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
+    assert "preemption signal" in out
+    again = launch(tmp_path, f"train.steps={step + 2}")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    assert f"resuming at step {step}" in out and max(losses_by_step(tmp_path)) == step + 2
+
+
+def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
+    root = tmp_path / "checkpoints"
+    trainer = Trainer(tiny_cfg)
+    Checkpointer(root, keep_last=2).save(3, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+    (root / ".tmp_step_00000006").mkdir()  # a save that crashed half way
+    (root / ".tmp_step_00000006" / "train_state.pt").write_bytes(b"partial")
+    assert resolve_resume("auto", root) == root / "step_00000003"
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        resolve_resume(str(root / ".tmp_step_00000006"), root)
+
+
+def test_async_save_commits_and_keeps_last_k_plus_every_m(tiny_cfg, tmp_path):
+    root = tmp_path / "checkpoints"
+    trainer = Trainer(tiny_cfg)
+    ckpt = Checkpointer(root, keep_last=2, keep_every=4, async_save=True)
+    for step in range(1, 7):
+        trainer.step = step
+        ckpt.save(step, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+    ckpt.wait()
+    assert [p.name for p in checkpoint_dirs(root)] == ["step_00000004", "step_00000005", "step_00000006"]
+    state, _ = load_checkpoint(root / "step_00000006", trainer.pm.parts, trainer.optimizer, tiny_cfg.to_dict())
+    assert state["step"] == 6
+
+
+def test_unsafe_config_change_is_refused_with_the_fields(tiny_cfg, tmp_path):
+    trainer = Trainer(tiny_cfg)
+    path = Checkpointer(tmp_path, keep_last=1).save(1, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+    changed = tiny_cfg.to_dict()
+    changed["model"]["d_model"] = 256
+    changed["optim"]["lr"] = 1.0  # safe: allowed
+    with pytest.raises(ConfigError, match=r"model.d_model: 128 -> 256") as e:
+        load_checkpoint(path, trainer.pm.parts, trainer.optimizer, changed)
+    assert "optim" not in str(e.value)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch):
+    import trainer.train as train_mod
+
+    real = train_mod.build_loader
+
+    def poisoned(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        original = type(loader).__next__
+
+        class Poisoned(type(loader)):
+            def __next__(self):
+                batch = original(self)
+                batch.latents[:] = float("nan")
+                return batch
+
+        loader.__class__ = Poisoned
+        return loader
+
+    tiny_cfg.checkpoint.enabled = True
+    tiny_cfg.checkpoint.max_bad_steps = 3
+    monkeypatch.setattr(train_mod, "build_loader", poisoned)
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps at step 0"):
+        train(tiny_cfg)
+    saved = checkpoint_dirs(tiny_cfg.output_dir / "checkpoints")
+    assert [p.name for p in saved] == ["step_00000000"]
+    trainer = Trainer(tiny_cfg)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train_step([poisoned(tiny_cfg).__next__()])
+    assert result.skipped and trainer.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))

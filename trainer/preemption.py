@@ -1,0 +1,58 @@
+"""Preemption and divergence: signal-driven save-and-exit, and the exceptions the loop raises.
+
+SLURM sends SIGUSR1 (`--signal=USR1@T`) before the time limit and SIGTERM on preemption. The
+handler only records the signal; the loop finishes its step, saves, and exits with
+REQUEUE_EXIT_CODE, which slurm/pretrain_7b.sh turns into `scontrol requeue`. Ranks agree on the
+decision with one all-reduce per step, since a signal may reach only some of them.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 42
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint is written; carries the process exit code."""
+
+    def __init__(self, exit_code: int = REQUEUE_EXIT_CODE) -> None:
+        super().__init__(f"preempted (exit {exit_code})")
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+class PreemptionWatcher:
+    """Records SIGUSR1/SIGTERM; `requested()` is True on every rank once any rank got one."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
