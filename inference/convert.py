@@ -1,0 +1,176 @@
+"""Training checkpoint (DCP) -> consolidated inference folder: `python -m inference.convert CKPT_DIR OUT_DIR`.
+
+The model part of the checkpoint is loaded with torch.distributed.checkpoint into the state dict of
+a plain single-process TransfusionModel built from the config in train_state.pt. DCP reshards on
+load, so checkpoints saved by any layout (FSDP, TP, PP keep the same fully-qualified names) give
+the same folder. See inference/loading.py for the folder format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from model.config import DiffusionConfig, ModelConfig
+from model.config_base import ConfigError, from_dict
+
+from .hf_llama import export_hf_llama
+from .images import VAEError, load_vae
+from .loading import (
+    DTYPES, TOKENIZER_NAME, VAE_DIR, InferenceConfig, InferenceFolderError, check_tensors, expected_shapes,
+    save_weights, write_config,
+)
+from .tokenizer import TextTokenizer, TokenizerError
+
+MODEL_KEY = "model"  # the trainer saves {"model": model_sd, "optim": optim_sd}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder with DCP `.metadata`; a run's `checkpoints/` root or output dir picks the latest."""
+    p = Path(path)
+    if not p.exists():
+        raise InferenceFolderError(f"checkpoint folder '{p}' does not exist")
+    if (p / ".metadata").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        steps = sorted(d for d in root.glob("step_*") if (d / ".metadata").is_file()) if root.is_dir() else []
+        if steps:
+            return steps[-1]
+    raise InferenceFolderError(
+        f"'{p}' is not a DCP checkpoint (no .metadata) and holds no complete step_N checkpoints; "
+        f"pass a step folder such as <output_dir>/checkpoints/step_00000300"
+    )
+
+
+def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[str, Any]]:
+    """Model/diffusion configs and provenance from train_state.pt (only those sections are read)."""
+    path = ckpt / "train_state.pt"
+    if not path.is_file():
+        raise InferenceFolderError(f"checkpoint '{ckpt}' has no train_state.pt, so its model config is unknown")
+    # Our own trainer's file: it pickles loader/packer state too, hence weights_only=False.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or "model" not in config:
+        raise InferenceFolderError(f"{path} holds no config with a 'model' section")
+    try:
+        model = from_dict(ModelConfig, config["model"], prefix="model")
+        model.validate()
+        diffusion = from_dict(DiffusionConfig, config.get("diffusion", {}), prefix="diffusion")
+        diffusion.validate()
+    except ConfigError as e:
+        raise InferenceFolderError(f"{path}: {e}") from None
+    return model, diffusion, {"checkpoint": str(ckpt.resolve()), "step": state.get("step")}
+
+
+def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors, resharded by DCP into full tensors with plain-model names."""
+    metadata = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    prefix = MODEL_KEY + "."
+    stored = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+    if not stored:
+        raise InferenceFolderError(f"checkpoint '{ckpt}' holds no '{MODEL_KEY}' tensors")
+    check_tensors(expected_shapes(cfg), {k: tuple(v.size) for k, v in stored.items()},
+                  f"checkpoint '{ckpt}'", cfg)
+    state = {n: torch.empty(tuple(m.size), dtype=m.properties.dtype) for n, m in stored.items()}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({MODEL_KEY: state}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    return state
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Create `out`; refuse to overwrite an earlier conversion unless asked, then remove only its files."""
+    ours = [p for p in out.glob("*") if p.name in ("config.json", TOKENIZER_NAME, VAE_DIR, "generation_config.json")
+            or (p.name.startswith("model") and ".safetensors" in p.name)] if out.is_dir() else []
+    if ours and not overwrite:
+        raise InferenceFolderError(f"'{out}' already holds a converted model ({ours[0].name}); pass --overwrite or pick another folder")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def convert_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: int | str = "2GB",
+    tokenizer: str | Path | None = None, vae: str | Path | None = None, vae_mode: str = "copy",
+    hf_llama: str | Path | None = None, overwrite: bool = False,
+) -> InferenceConfig:
+    """Write the inference folder (and optionally the HF Llama export); returns its config."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ckpt = resolve_checkpoint(ckpt_dir)
+    model_cfg, diffusion_cfg, source = read_train_configs(ckpt)
+    if tokenizer is not None:
+        TextTokenizer(tokenizer, model_cfg)  # fail before writing anything
+    if vae is not None:
+        load_vae(vae, model_cfg)
+    out = Path(out_dir)
+    _prepare_output(out, overwrite)
+    if hf_llama is not None:
+        _prepare_output(Path(hf_llama), overwrite)
+
+    state = load_model_state(ckpt, model_cfg)
+    state = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in state.items()}
+    save_weights(state, out, max_shard_size)
+    cfg = InferenceConfig(model_cfg, diffusion_cfg, dtype, source=source)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
+        cfg.tokenizer = TOKENIZER_NAME
+    if vae is not None:
+        if vae_mode == "copy":
+            shutil.copytree(vae, out / VAE_DIR)
+            cfg.vae = VAE_DIR
+        else:
+            cfg.vae = os.path.relpath(Path(vae).resolve(), out.resolve())
+    write_config(out, cfg)  # last: a folder without config.json is an unfinished conversion
+    if hf_llama is not None:
+        export_hf_llama(state, model_cfg, hf_llama, max_shard_size, tokenizer)
+    cfg.folder = out.resolve()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m inference.convert", description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt_dir", help="a step_N checkpoint folder (or a run's checkpoints/ folder: latest step)")
+    ap.add_argument("out_dir", help="inference folder to write")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored weights")
+    ap.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size (e.g. 2GB, 500MB)")
+    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model file to copy into the folder")
+    ap.add_argument("--vae", default=None, help="AutoencoderKL save_pretrained folder")
+    ap.add_argument("--vae-mode", choices=["copy", "reference"], default="copy",
+                    help="copy the VAE into OUT_DIR/vae, or store a relative path to it in config.json")
+    ap.add_argument("--hf-llama", default=None, metavar="HF_OUT",
+                    help="also export the text backbone as a Hugging Face LlamaForCausalLM folder")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR / HF_OUT")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    max_shard: int | str = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    try:
+        cfg = convert_checkpoint(
+            args.ckpt_dir, args.out_dir, args.dtype, max_shard, args.tokenizer, args.vae, args.vae_mode,
+            args.hf_llama, args.overwrite,
+        )
+    except (InferenceFolderError, TokenizerError, VAEError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = sorted(p.name for p in cfg.folder.iterdir()) if cfg.folder else []
+    print(f"converted {cfg.source['checkpoint']} (step {cfg.source['step']}) -> {cfg.folder}: {', '.join(files)}")
+    if args.hf_llama:
+        print(f"hf llama: {args.hf_llama}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
