@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from model.config_base import ConfigError
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load that it assumes one process; that is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Config sections whose change makes a checkpoint unusable; everything else may change on resume.
 UNSAFE_SECTIONS = ("model", "diffusion")
