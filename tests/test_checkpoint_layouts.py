@@ -37,19 +37,23 @@ def runs(tmp_path_factory):
         ("init_tp2", ["parallel.tp=2"], 0, None),
         ("init_pp2", ["parallel.pp=2"], 0, None),
     ], out)
-    resumed = spawn([("tp2_from_fsdp2", TP2, None, str(out / "fsdp2" / "step_00000002"))], out)
+    resumed = spawn([
+        ("tp2_from_fsdp2", TP2, None, str(out / "fsdp2" / "step_00000002")),
+        ("fsdp2_from_fsdp2", FSDP2, None, str(out / "fsdp2" / "step_00000002")),
+    ], out)
     one = train_with_checkpoints(layout_config(ONE), None, out / "one", None, out / "fsdp2" / "step_00000002")
     reference = train_with_checkpoints(layout_config(ONE), None, out / "ref", None, None)
     return {"out": out, "fsdp2": first["fsdp2"]["losses"], "tp2": resumed["tp2_from_fsdp2"]["losses"],
-            "one": one, "reference": reference}
+            "fsdp2_resumed": resumed["fsdp2_from_fsdp2"]["losses"], "one": one, "reference": reference}
 
 
-def test_fsdp_checkpoint_resumes_with_tp_and_one_process(runs):
+def test_fsdp_checkpoint_resumes_with_fsdp_tp_and_one_process(runs):
     ref = runs["reference"]
     assert runs["fsdp2"] == pytest.approx(ref, rel=1e-5)
     assert len(runs["tp2"]) == len(runs["one"]) == 2  # steps 3 and 4 after resuming at step 2
     assert runs["tp2"] == pytest.approx(ref[2:], rel=1e-5)
     assert runs["one"] == pytest.approx(ref[2:], rel=1e-5)
+    assert runs["fsdp2_resumed"] == pytest.approx(runs["fsdp2"][2:], rel=1e-6)  # same layout: same run
 
 
 def test_layouts_convert_to_identical_inference_folders(runs, tmp_path):

@@ -57,8 +57,8 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     assert got == want  # bitwise: same floats for every step
 
 
-def test_sigusr1_saves_and_exits_for_requeue(tmp_path):
-    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0")
+def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
+    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0", "logging.wandb=offline")
     while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
@@ -67,10 +67,30 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path):
     step = max(losses_by_step(tmp_path))
     assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
     assert "preemption signal" in out
-    again = launch(tmp_path, f"train.steps={step + 2}")
+    run_id = torch.load(checkpoint_dirs(tmp_path / "checkpoints")[0] / "train_state.pt", weights_only=False)["wandb_id"]
+    again = launch(tmp_path, f"train.steps={step + 2}", "logging.wandb=offline")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]
     assert f"resuming at step {step}" in out and max(losses_by_step(tmp_path)) == step + 2
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one wandb run, resumed
+
+
+def test_kill_during_async_save_leaves_previous_checkpoint_usable(tmp_path):
+    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=1", "checkpoint.async_save=true",
+                  "checkpoint.keep_last=2")
+    root = tmp_path / "checkpoints"
+    while proc.poll() is None and not (checkpoint_dirs(root) and list(root.glob(".tmp_step_*"))):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    latest = resolve_resume("auto", root)
+    assert latest is not None and latest.name.startswith("step_")
+    step = int(latest.name.split("_")[1])
+    again = launch(tmp_path, f"train.steps={step + 1}", "checkpoint.async_save=true")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    assert f"resuming at step {step}" in out
 
 
 def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
