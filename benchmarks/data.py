@@ -1,16 +1,18 @@
 """Training-loader throughput: packed tokens/s per loader process at 7B shapes (seq 4096, 256-patch
 images of 8x32x32 latents, 1:1 text:image by tokens), read from MDS shards written here.
 
-    python benchmarks/data.py [--images 3000] [--texts 3000] [--batches 40]
+    python benchmarks/data.py [--images 3000] [--texts 3000] [--batches 40] [--skip-encode]
 
 One GPU at 7B consumes ~4k tokens/s (40% MFU on an H100); the target is >= 100k tokens/s per
-loader process. Encode throughput of data_prep is in benchmarks/data_encode.py.
+loader process. Then runs benchmarks/data_encode.py (encode_latents vs a naive one-image loop).
 """
 
 from __future__ import annotations
 
 import argparse
+import runpy
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--texts", type=int, default=3000)
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--skip-encode", action="store_true", help="only the loader measurement")
     args = ap.parse_args()
     # Kept between runs (outputs/ is git-ignored): streaming's prefetch threads outlive the loader,
     # so a temporary folder would vanish under them.
@@ -72,6 +75,9 @@ def main() -> None:
     print(f"loader: {tokens} packed positions ({images} images) in {dt:.2f}s = {rate:,.0f} tokens/s per process")
     print(f"ratio vs one 7B GPU's appetite (~4,000 tokens/s): {rate / 4000:.1f}x; target 100k: "
           f"{'met' if rate >= 100_000 else 'NOT met'}")
+    if not args.skip_encode:
+        sys.argv = [str(Path(__file__).with_name("data_encode.py"))]
+        runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":

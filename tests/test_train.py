@@ -47,6 +47,7 @@ def test_full_run_logs_checkpoints_and_is_deterministic(tiny_cfg, tmp_path, caps
     assert ckpts == ["step_00000004", "step_00000006"]  # keep_last=2
     state = torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=False)
     assert state["step"] == 6 and state["config"]["train"]["steps"] == 6
+    assert state["tokens_seen"] == 6 * 2 * tiny_cfg.train.batch_size * tiny_cfg.train.seq_len
     assert "loader" in torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
     assert list((tiny_cfg.output_dir / "wandb").glob("offline-run-*"))
     tiny_cfg.logging.wandb = "disabled"

@@ -67,6 +67,6 @@ class MetricsLogger:
 def _fmt(key: str, value: float) -> str:
     if key == "lr":
         return f"lr {value:.2e}"
-    if key.endswith("tokens_per_s"):
+    if key.endswith(("tokens_per_s", "tokens_seen")):
         return f"{key} {value:,.0f}"
     return f"{key} {value:.4f}"

@@ -246,12 +246,13 @@ def train(cfg: Config) -> list[dict[str, float]]:
     loader = build_loader(cfg, env.dp_rank, env.dims.dp, replication=env.dims.pp * env.dims.tp)
     out, ck = cfg.output_dir, cfg.checkpoint
     checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
-    wandb_id = None
+    wandb_id, tokens_seen = None, 0
     resume_from = resolve_resume(ck.resume, out / "checkpoints")
     if resume_from is not None:
         state, rank_state = load_checkpoint(resume_from, trainer.pm.parts, trainer.optimizer, cfg.to_dict())
         trainer.load_train_state(state)
         wandb_id = state.get("wandb_id")
+        tokens_seen = int(state.get("tokens_seen", 0))
         if rank_state.get("dp") == (env.dp_rank, env.dims.dp):
             loader.load_state_dict(rank_state["loader"])
         else:
@@ -268,7 +269,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
 
     def save() -> Path:
         return checkpointer.save(
-            trainer.step, trainer.pm.parts, trainer.optimizer, trainer.train_state(wandb_id=logger.run_id),
+            trainer.step, trainer.pm.parts, trainer.optimizer,
+            trainer.train_state(wandb_id=logger.run_id, tokens_seen=tokens_seen),
             {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)},
         )
 
@@ -290,10 +292,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
                     )
                 continue
             bad_steps = 0
+            tokens_seen += result.tokens * env.dims.dp
             metrics = {
                 "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
                 "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens_per_s": result.tokens * env.dims.dp / dt,
+                "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": tokens_seen,
             }
             history.append(metrics)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
