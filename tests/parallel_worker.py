@@ -6,9 +6,11 @@ import os
 import socket
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from trainer.checkpoint import merge_parts
@@ -40,22 +42,25 @@ def global_batches(cfg: Config, dp: int) -> list[list]:
     return [[next(loader) for _ in range(n)] for _ in range(cfg.train.steps)]
 
 
-def run_training(cfg: Config, env=None, dp: int = 1, dp_rank: int = 0) -> tuple[list[float], dict]:
-    """Train on this rank's slice of the global batches; return per-step losses and full params."""
+def run_training(cfg: Config, env=None) -> dict:
+    """Train on this rank's slice of the global batches; per-step losses and grad norms, full params."""
     trainer = Trainer(cfg, env)
+    dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
     per_rank = cfg.train.grad_accum
-    losses = []
-    for step_batches in global_batches(cfg, dp):
-        mine = step_batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        losses.append(trainer.train_step(mine).loss)
+    results = [trainer.train_step(step[dp_rank * per_rank : (dp_rank + 1) * per_rank])
+               for step in global_batches(cfg, dp)]
     if trainer.engine is not None:  # DeepSpeed: gather ZeRO-3 partitions through the engine
         from parallel.deepspeed_engine import full_state_dict
 
-        return losses, full_state_dict(trainer.engine)
-    # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    sd = get_model_state_dict(merge_parts(trainer.pm.parts), options=opts)
-    return losses, {k: v.detach().cpu().clone() for k, v in sd.items()}
+        sd = full_state_dict(trainer.engine)
+    else:
+        # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        sd = get_model_state_dict(merge_parts(trainer.pm.parts), options=opts)
+    return {
+        "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results],
+        "params": {k: v.detach().cpu().clone() for k, v in sd.items()},
+    }
 
 
 def free_port() -> int:
@@ -64,24 +69,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, layouts: list[tuple[str, list[str]]], out: str) -> None:
+def run_jobs(rank: int, world: int, port: int, job: Callable, jobs: list[tuple], out: str) -> None:
+    """Body of each spawned gloo rank: for every (name, overrides, *args) build that layout and
+    save `job(cfg, env, *args)` (or the traceback) to `out/name.rank{rank}.pt`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from parallel.dims import ParallelDims, init_distributed
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, overrides in layouts:
-        result: dict = {}
+    for name, overrides, *args in jobs:
         try:
             cfg = layout_config(overrides)
-            p = cfg.parallel = cfg.parallel.resolved(world)
-            env = init_distributed(ParallelDims.from_config(p), device_type="cpu")
-            # Each data-parallel replica trains on its own grad_accum micro-batches of the global set.
-            losses, sd = run_training(cfg, env, env.dims.dp, env.dp_rank)
-            result = {"losses": losses, "params": sd}
+            cfg.parallel = cfg.parallel.resolved(world)
+            env = init_distributed(ParallelDims.from_config(cfg.parallel), device_type="cpu")
+            result = job(cfg, env, *args)
         except Exception:  # reported to the test, which fails with the traceback
             result = {"error": traceback.format_exc()}
         torch.save(result, Path(out) / f"{name}.rank{rank}.pt")
         dist.barrier()
     dist.destroy_process_group()
+
+
+def spawn_jobs(world: int, job: Callable, jobs: list[tuple], out: str) -> dict[str, list[dict]]:
+    """Run `jobs` on `world` spawned ranks; return each job's per-rank results."""
+    mp.start_processes(run_jobs, args=(world, free_port(), job, jobs, out), nprocs=world, start_method="spawn")
+    return {name: [torch.load(Path(out) / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+            for name, *_ in jobs}

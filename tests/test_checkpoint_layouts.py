@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from inference.convert import convert_checkpoint
-from tests.checkpoint_worker import train_with_checkpoints, worker
-from tests.parallel_worker import free_port, layout_config
+from tests.checkpoint_worker import train_with_checkpoints
+from tests.parallel_worker import layout_config, spawn_jobs
 
 STEPS = ["train.steps=4"]
 # The same global batch of 4 micro-batches per step in every layout.
@@ -21,11 +20,11 @@ ONE = ["train.grad_accum=4", *STEPS]
 
 
 def spawn(jobs, out):
-    mp.start_processes(worker, args=(2, free_port(), jobs, str(out)), nprocs=2, start_method="spawn")
-    results = {name: torch.load(out / f"{name}.rank0.pt", weights_only=False) for name, *_ in jobs}
-    for name, res in results.items():
-        assert "error" not in res, f"{name}:\n{res['error']}"
-    return results
+    """jobs: (name, overrides, save_at, resume); each saves into out/name."""
+    results = spawn_jobs(2, train_with_checkpoints, [(n, o, str(out / n), s, r) for n, o, s, r in jobs], str(out))
+    for name, ranks in results.items():
+        assert "error" not in ranks[0], f"{name}:\n{ranks[0]['error']}"
+    return {name: ranks[0] for name, ranks in results.items()}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,11 @@ def runs(tmp_path_factory):
         ("tp2_from_fsdp2", TP2, None, str(out / "fsdp2" / "step_00000002")),
         ("fsdp2_from_fsdp2", FSDP2, None, str(out / "fsdp2" / "step_00000002")),
     ], out)
-    one = train_with_checkpoints(layout_config(ONE), None, out / "one", None, out / "fsdp2" / "step_00000002")
-    reference = train_with_checkpoints(layout_config(ONE), None, out / "ref", None, None)
+    one = train_with_checkpoints(layout_config(ONE), None, str(out / "one"), None, str(out / "fsdp2" / "step_00000002"))
+    reference = train_with_checkpoints(layout_config(ONE), None, str(out / "ref"), None, None)
     return {"out": out, "fsdp2": first["fsdp2"]["losses"], "tp2": resumed["tp2_from_fsdp2"]["losses"],
-            "fsdp2_resumed": resumed["fsdp2_from_fsdp2"]["losses"], "one": one, "reference": reference}
+            "fsdp2_resumed": resumed["fsdp2_from_fsdp2"]["losses"], "one": one["losses"],
+            "reference": reference["losses"]}
 
 
 def test_fsdp_checkpoint_resumes_with_fsdp_tp_and_one_process(runs):

@@ -17,9 +17,8 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.parallel_worker import free_port, global_batches, layout_config, worker
+from tests.parallel_worker import layout_config, run_training, spawn_jobs
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -47,53 +46,21 @@ LAYOUTS = {
 ZERO3_JSON = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 
 
-def recording_worker(rank, world, port, layouts, out):
-    """tests.parallel_worker.worker, plus the grad norms each Trainer reported, per layout."""
-    import trainer.train as tt
-
-    norms: dict[int, list[float]] = {}
-    step = tt.Trainer.train_step
-
-    def train_step(self, batches):
-        result = step(self, batches)
-        norms.setdefault(id(self), []).append(result.grad_norm)
-        return result
-
-    tt.Trainer.train_step = train_step
-    worker(rank, world, port, layouts, out)
-    torch.save(list(norms.values()), f"{out}/grad_norms.rank{rank}.pt")
-
-
 @functools.cache
 def ds_results(tmp: str) -> dict:
     json_path = f"{tmp}/zero3.json"
     with open(json_path, "w") as f:
         json.dump(ZERO3_JSON, f)
     layouts = [(n, [o.format(json=json_path) for o in ov]) for n, ov in LAYOUTS.items()]
-    mp.start_processes(recording_worker, args=(WORLD, free_port(), layouts, tmp), nprocs=WORLD, start_method="spawn")
-    out = {
-        name: [torch.load(f"{tmp}/{name}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
-        for name, _ in layouts
-    }
-    norms = [torch.load(f"{tmp}/grad_norms.rank{r}.pt") for r in range(WORLD)]
-    for r in range(WORLD):
-        for i, (name, _) in enumerate(layouts):
-            if i < len(norms[r]) and "error" not in out[name][r]:
-                out[name][r]["grad_norms"] = norms[r][i]
-    return out
+    return spawn_jobs(WORLD, run_training, layouts, tmp)
 
 
 @functools.cache
-def reference() -> tuple[list[float], list[float], dict]:
+def reference() -> dict:
     """One process, plain model, grad_accum = 2 * 2 over the same micro-batches."""
-    from trainer.train import Trainer
-
     cfg = layout_config([])
     cfg.train.grad_accum *= WORLD
-    trainer = Trainer(cfg)
-    results = [trainer.train_step(batches) for batches in global_batches(cfg, 1)]
-    params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    return [r.loss for r in results], [r.grad_norm for r in results], params
+    return run_training(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +91,8 @@ def test_deepspeed_matches_single_process(name, results_dir):
     ranks = ds_results(results_dir)[name]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
-    ref_losses, ref_norms, ref_params = reference()
+    ref = reference()
+    ref_losses, ref_norms, ref_params = ref["losses"], ref["grad_norms"], ref["params"]
     for r, res in enumerate(ranks):
         assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
         assert res["grad_norms"] == pytest.approx(ref_norms, rel=GRAD_NORM_RTOL), f"rank {r} grad norms"

@@ -11,9 +11,8 @@ import functools
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.parallel_worker import free_port, layout_config, run_training, worker
+from tests.parallel_worker import layout_config, run_training, spawn_jobs
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
@@ -38,16 +37,11 @@ LAYOUTS = {
 
 @functools.cache
 def layout_results(world: int, tmp: str) -> dict:
-    layouts = list(LAYOUTS[world].items())
-    mp.start_processes(worker, args=(world, free_port(), layouts, tmp), nprocs=world, start_method="spawn")
-    return {
-        name: [torch.load(f"{tmp}/{name}.rank{r}.pt", weights_only=False) for r in range(world)]
-        for name, _ in layouts
-    }
+    return spawn_jobs(world, run_training, list(LAYOUTS[world].items()), tmp)
 
 
 @functools.cache
-def reference(overrides: tuple[str, ...], dp: int) -> tuple[list[float], dict]:
+def reference(overrides: tuple[str, ...], dp: int) -> dict:
     cfg = layout_config([o for o in overrides if not o.startswith("parallel.")] +
                         [o for o in overrides if o.startswith("parallel.activation")])
     cfg.train.grad_accum *= dp
@@ -71,7 +65,8 @@ def test_layout_matches_single_process(world, name, results_dir):
     ranks = layout_results(world, results_dir)[name]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
-    ref_losses, ref_params = reference(tuple(overrides), dp_size(overrides))
+    ref = reference(tuple(overrides), dp_size(overrides))
+    ref_losses, ref_params = ref["losses"], ref["params"]
     for r, res in enumerate(ranks):
         assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
     # Pipeline ranks each hold their stages' parameters: together they must cover the model.

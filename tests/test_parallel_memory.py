@@ -14,17 +14,12 @@ whole is reported and must lie strictly between 1/2 and 1 of one process.
 from __future__ import annotations
 
 import functools
-import os
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from tests.parallel_worker import free_port, global_batches, layout_config
+from tests.parallel_worker import global_batches, layout_config, spawn_jobs
 
 RATIO_TOL = 0.01
 SHARD_RTOL = 0.01
@@ -67,49 +62,25 @@ def measure(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     return out
 
 
-def one_step(overrides: list[str], env=None) -> dict[str, int]:
+def one_step(cfg, env=None) -> dict[str, int]:
+    """Bytes of parameters + optimizer state on this rank after one training step."""
     from trainer.train import Trainer
 
-    cfg = layout_config(overrides + ["train.steps=1"])
-    if env is not None:
-        cfg.parallel = cfg.parallel.resolved(env.dims.world_size)
+    cfg.train.steps = 1
     trainer = Trainer(cfg, env)
     dp, dp_rank, n = (env.dims.dp, env.dp_rank, cfg.train.grad_accum) if env else (1, 0, cfg.train.grad_accum)
-    batches = global_batches(cfg, dp)[0][dp_rank * n : (dp_rank + 1) * n]
-    trainer.train_step(batches)
+    trainer.train_step(global_batches(cfg, dp)[0][dp_rank * n : (dp_rank + 1) * n])
     return measure(trainer.optimizer)
-
-
-def memory_worker(rank: int, world: int, port: int, layouts: list[tuple[str, list[str]]], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from parallel.dims import ParallelDims, init_distributed
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    for name, overrides in layouts:
-        try:
-            cfg = layout_config(overrides)
-            p = cfg.parallel.resolved(world)
-            env = init_distributed(ParallelDims(p.pp, p.dp_replicate, p.dp_shard, p.tp), device_type="cpu")
-            result = one_step(overrides, env)
-        except Exception:
-            result = {"error": traceback.format_exc()}
-        torch.save(result, Path(out) / f"{name}.rank{rank}.pt")
-        dist.barrier()
-    dist.destroy_process_group()
 
 
 @functools.cache
 def layout_memory(world: int, tmp: str) -> dict:
-    layouts = list(LAYOUTS[world].items())
-    mp.start_processes(memory_worker, args=(world, free_port(), layouts, tmp), nprocs=world, start_method="spawn")
-    return {name: [torch.load(f"{tmp}/{name}.rank{r}.pt") for r in range(world)] for name, _ in layouts}
+    return spawn_jobs(world, one_step, list(LAYOUTS[world].items()), tmp)
 
 
 @functools.cache
 def single_process() -> dict[str, int]:
-    return one_step([])
+    return one_step(layout_config([]))
 
 
 @pytest.fixture(scope="module")
