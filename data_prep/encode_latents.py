@@ -35,7 +35,7 @@ import torch
 from . import images, readers
 from .cli import local_abspath, parse_with_config, setup_logging
 from .schema import image_columns, latents_to_storage, storage_to_tensor
-from .sharding import ShardJob, Stats, merge_parts, partition, resolve_worker
+from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.encode_latents")
@@ -221,15 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--decode-workers", type=int, default=2, help="threads decoding images (0: inline)")
     pp.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     sc = ap.add_argument_group("scale-out and resume")
-    sc.add_argument("--rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID or RANK, else 0")
-    sc.add_argument("--world-size", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1")
-    sc.add_argument("--chunk-size", type=int, default=4096,
-                    help="records per resumable chunk (one MDS sub-folder; ~64 MB of 256px latents)")
-    sc.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard file")
-    sc.add_argument("--compression", default=None, help="MDS compression, e.g. zstd (latents compress poorly)")
-    sc.add_argument("--overwrite", action="store_true", help="delete this worker's earlier output first")
-    sc.add_argument("--no-merge", action="store_true", help="with one worker, do not write the merged index")
-    sc.add_argument("--throttle", type=float, default=0.0, help="testing aid: seconds to wait before each commit")
+    add_scaleout_args(sc, 4096, "records per resumable chunk (one MDS sub-folder; ~64 MB of 256px latents)",
+                      "MDS compression, e.g. zstd (latents compress poorly)")
     return ap
 
 

@@ -21,6 +21,7 @@ the `done.json` written last is the commit marker.)
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import itertools
@@ -64,6 +65,19 @@ def resolve_worker(rank: int | None = None, world_size: int | None = None) -> tu
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"worker rank {rank} is not in [0, {world_size}) (from {src})")
     return rank, world_size
+
+
+def add_scaleout_args(group: argparse._ActionsContainer, chunk_size: int, chunk_help: str, compression_help: str) -> None:
+    """The partition / chunking / resume options shared by the encoders' command lines."""
+    group.add_argument("--rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID or RANK, else 0")
+    group.add_argument("--world-size", type=int, default=None,
+                       help="default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1")
+    group.add_argument("--chunk-size", type=int, default=chunk_size, help=chunk_help)
+    group.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard file")
+    group.add_argument("--compression", default=None, help=compression_help)
+    group.add_argument("--overwrite", action="store_true", help="delete this worker's earlier output first")
+    group.add_argument("--no-merge", action="store_true", help="with one worker, do not write the merged index")
+    group.add_argument("--throttle", type=float, default=0.0, help="testing aid: seconds to wait before each commit")
 
 
 def partition(units: Sequence[T], rank: int, world_size: int) -> list[T]:

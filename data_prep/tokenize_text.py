@@ -20,7 +20,7 @@ import numpy as np
 from . import readers
 from .cli import local_abspath, parse_with_config, setup_logging
 from .schema import TEXT_COLUMNS
-from .sharding import ShardJob, Stats, merge_parts, partition, resolve_worker
+from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.tokenize_text")
@@ -64,14 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--doc-split", default="paragraph", choices=["paragraph", "file"],
                     help="for .txt/.md: a document per blank-line-separated paragraph, or per file")
     ap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
-    ap.add_argument("--rank", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID or RANK, else 0")
-    ap.add_argument("--world-size", type=int, default=None, help="default: SLURM_ARRAY_TASK_COUNT or WORLD_SIZE, else 1")
-    ap.add_argument("--chunk-size", type=int, default=10_000, help="documents per resumable chunk")
-    ap.add_argument("--shard-size-limit", type=int, default=1 << 26, help="bytes per MDS shard file")
-    ap.add_argument("--compression", default=None, help="MDS compression, e.g. zstd")
-    ap.add_argument("--overwrite", action="store_true", help="delete this worker's earlier output first")
-    ap.add_argument("--no-merge", action="store_true", help="with one worker, do not write the merged index")
-    ap.add_argument("--throttle", type=float, default=0.0, help="testing aid: seconds to wait before each commit")
+    add_scaleout_args(ap, 10_000, "documents per resumable chunk", "MDS compression, e.g. zstd")
     return ap
 
 
