@@ -26,6 +26,7 @@ venv: $(STAMP)
 demo: venv
 	$(PY) -m data_prep.embedded_default --out outputs/embedded_default
 	$(PY) -m trainer.train --config configs/tiny.yaml
+	$(PY) -m inference.evaluate --run outputs/tiny --data outputs/embedded_default --cfg-scale 5
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
