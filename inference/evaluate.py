@@ -83,10 +83,15 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     rows = []
     for i, line in enumerate(open(path)):
         if line.strip():
-            r = json.loads(line)
-            if "label" not in r:
-                raise EvaluationError(f"{path}:{i + 1} has no 'label'; it is not an embedded-default manifest")
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvaluationError(f"{path}:{i + 1} is not valid JSON ({e}); rerun the data preparation") from None
+            if "label" not in r or "path" not in r:
+                raise EvaluationError(f"{path}:{i + 1} has no 'path' or 'label'; it is not an embedded-default manifest")
             r["file"] = path.parent / r["path"]
+            if not r["file"].is_file():
+                raise EvaluationError(f"{path}:{i + 1} names {r['file']}, which does not exist; rerun the data preparation")
             rows.append(r)
     if not rows:
         raise EvaluationError(f"{path} is empty")
@@ -103,6 +108,7 @@ def pick_template(train_manifest: Path) -> tuple[str, bool]:
 
 
 def caption(template: str, digit: int) -> str:
+    """A caption of `digit` in the style of data_prep.embedded_default (its word and its numeral)."""
     return template.format(name=DIGIT_WORDS[digit], digit=digit)
 
 
