@@ -10,6 +10,8 @@ line, undecodable text) so that the job counts and skips it.
 
 from __future__ import annotations
 
+import abc
+
 import csv
 import io
 import json
@@ -89,14 +91,16 @@ class ImageRecord:
     error: str | None = None  # set when the record itself is malformed
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """Base of image-caption readers: `units()` to partition, `records(units)` to stream."""
 
+    @abc.abstractmethod
     def units(self) -> list:
-        raise NotImplementedError
+        """The work units (files, tar members, row groups) that workers partition."""
 
+    @abc.abstractmethod
     def records(self, units: Sequence) -> Iterator[ImageRecord]:
-        raise NotImplementedError
+        """Stream the records of `units`, in order."""
 
     def count(self, units: Sequence) -> int | None:
         """Number of records in `units` if known without reading them (for the progress bar)."""
