@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     io = ap.add_argument_group("inputs and outputs")
     io.add_argument("--input", nargs="+", required=True, help="manifest(s), tar shards, parquet files, globs or a folder")
     io.add_argument("--format", default="auto", choices=["auto", "manifest", "tar", "parquet", "folder"])
-    io.add_argument("--out", required=True, help="output folder (gets part-XXXXX/ per worker)")
+    io.add_argument("--out", required=True, help="output folder (gets one part-<rank>/ sub-folder per worker)")
     io.add_argument("--vae", required=True, help="AutoencoderKL folder written by save_pretrained")
     io.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a diffusers pipeline folder")
     io.add_argument("--tokenizer", required=True, help="sentencepiece .model with our special tokens")

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML file of option: value defaults")
     ap.add_argument("--input", nargs="+", required=True, help="text/markdown, jsonl, parquet files, globs or folders")
-    ap.add_argument("--out", required=True, help="output folder (gets part-XXXXX/ per worker)")
+    ap.add_argument("--out", required=True, help="output folder (gets one part-<rank>/ sub-folder per worker)")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model with our special tokens")
     ap.add_argument("--doc-split", default="paragraph", choices=["paragraph", "file"],
                     help="for .txt/.md: a document per blank-line-separated paragraph, or per file")

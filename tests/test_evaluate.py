@@ -35,7 +35,7 @@ def data(tmp_path_factory):
     """An embedded-default-shaped data folder: raw/{train,heldout}, tokenizer, a random 16x16 VAE.
     The training captions use every template but the last, so the last one counts as held out."""
     import sentencepiece as spm
-    from diffusers import AutoencoderKL
+    from data_prep.synthetic import make_tiny_vae
 
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
@@ -62,14 +62,7 @@ def data(tmp_path_factory):
         pad_id=0, bos_id=1, eos_id=2, unk_id=5, control_symbols=["<boi>", "<eoi>"], minloglevel=2,
         hard_vocab_limit=False,
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=16,
-    )
-    vae.register_to_config(scaling_factor=0.5)
-    vae.save_pretrained(root / "vae")
+    make_tiny_vae(root / "vae")
     return root
 
 

@@ -79,18 +79,9 @@ def spm_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory):
     """A random tiny AutoencoderKL (2x downsampling: 8x8x4 latents <-> 16x16 RGB)."""
-    from diffusers import AutoencoderKL
+    from data_prep.synthetic import make_tiny_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=16,
-    )
-    vae.register_to_config(scaling_factor=0.5)
-    d = tmp_path_factory.mktemp("vae") / "vae"
-    vae.save_pretrained(d)
-    return d
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
 
 
 @pytest.fixture(scope="session")
