@@ -1,9 +1,10 @@
-"""Training checkpoint (DCP) -> consolidated inference folder: `python -m inference.convert CKPT_DIR OUT_DIR`.
+"""Training checkpoint -> consolidated inference folder: `python -m inference.convert CKPT_DIR OUT_DIR`.
 
 The model part of the checkpoint is loaded with torch.distributed.checkpoint into the state dict of
 a plain single-process TransfusionModel built from the config in train_state.pt. DCP reshards on
 load, so checkpoints saved by any layout (FSDP, TP, PP keep the same fully-qualified names) give
-the same folder. See inference/loading.py for the folder format.
+the same folder. Checkpoints of the DeepSpeed engine (ZeRO partition files under `deepspeed/`)
+are consolidated with DeepSpeed's zero_to_fp32. See inference/loading.py for the folder format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from model.config import DiffusionConfig, ModelConfig
 from model.config_base import ConfigError, from_dict
+from parallel.deepspeed_engine import DS_TAG, consolidated_state_dict
 
 from .hf_llama import export_hf_llama
 from .images import VAEError, load_vae
@@ -35,20 +37,25 @@ from .tokenizer import TextTokenizer, TokenizerError
 MODEL_KEY = "model"  # the trainer saves {"model": model_sd, "optim": optim_sd}
 
 
+def _is_checkpoint(p: Path) -> bool:
+    return (p / ".metadata").is_file() or ((p / DS_TAG).is_dir() and (p / "train_state.pt").is_file())
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder with DCP `.metadata`; a run's `checkpoints/` root or output dir picks the latest."""
+    """A step folder (DCP `.metadata` or DeepSpeed `deepspeed/`); a run's `checkpoints/` root or output
+    dir picks the latest."""
     p = Path(path)
     if not p.exists():
         raise InferenceFolderError(f"checkpoint folder '{p}' does not exist")
-    if (p / ".metadata").is_file():
+    if _is_checkpoint(p):
         return p
     for root in (p, p / "checkpoints"):
-        steps = sorted(d for d in root.glob("step_*") if (d / ".metadata").is_file()) if root.is_dir() else []
+        steps = sorted(d for d in root.glob("step_*") if _is_checkpoint(d)) if root.is_dir() else []
         if steps:
             return steps[-1]
     raise InferenceFolderError(
-        f"'{p}' is not a DCP checkpoint (no .metadata) and holds no complete step_N checkpoints; "
-        f"pass a step folder such as <output_dir>/checkpoints/step_00000300"
+        f"'{p}' is not a checkpoint (no DCP .metadata or {DS_TAG}/ folder) and holds no complete step_N "
+        f"checkpoints; pass a step folder such as <output_dir>/checkpoints/step_00000300"
     )
 
 
@@ -74,6 +81,10 @@ def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[s
 
 def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint's model tensors, resharded by DCP into full tensors with plain-model names."""
+    if not (ckpt / ".metadata").is_file():
+        state = consolidated_state_dict(ckpt)
+        check_tensors(expected_shapes(cfg), {k: tuple(v.shape) for k, v in state.items()}, f"checkpoint '{ckpt}'", cfg)
+        return state
     metadata = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     prefix = MODEL_KEY + "."
     stored = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}

@@ -153,7 +153,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
 
     s = settings or EvalSettings()
     run, data = Path(run), Path(data)
-    root = run.parent.parent if (run / ".metadata").is_file() else run  # a step_N folder -> its run
+    root = run.parent.parent if (run / "train_state.pt").is_file() else run  # a step_N folder -> its run
     out = Path(out) if out is not None else root / "eval"
     paths = check_folders(run, data)
     seconds: dict[str, float] = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,82 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# A DeepSpeed checkpoint is a step_N folder (see trainer/checkpoint.py) whose model and optimizer
+# state are the engine's own files under DS_TAG: each rank writes its ZeRO partition, nothing is
+# gathered. Resuming with another number of data-parallel ranks goes through DeepSpeed's universal
+# checkpoint: converted once (ds_to_universal) into UNIVERSAL_TAG next to it, then loaded with
+# `load_universal`, which re-partitions the full per-parameter tensors onto the new ranks.
+DS_TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed_universal"
+
+
+def save_engine_checkpoint(engine, folder: Path) -> None:
+    """Collective: every rank writes its partition of model + optimizer into folder/deepspeed."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    # ds_to_universal requires this marker (Megatron-DeepSpeed writes it; a plain model has no extra info).
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=info, save_latest=False)
+
+
+def saved_dp_size(folder: Path) -> int:
+    """Data-parallel ranks that wrote a DeepSpeed checkpoint (one optimizer partition file each)."""
+    return len(list((folder / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def _to_universal(folder: Path) -> None:
+    """Rank 0 converts folder/deepspeed into folder/deepspeed_universal (once; atomic rename)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    final = folder / UNIVERSAL_TAG
+    if final.is_dir():
+        return
+    tmp = folder / f".tmp_{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal.main(Namespace(
+        input_folder=str(folder / DS_TAG), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    ))
+    tmp.rename(final)
+
+
+def load_engine_checkpoint(engine, folder: Path) -> None:
+    """Collective: restore model + optimizer partitions written by save_engine_checkpoint, through a
+    universal checkpoint when the number of data-parallel ranks changed.
+
+    The LR schedule is not taken from DeepSpeed's copy: the trainer restores it from train_state.pt,
+    as for the torch engine.
+    """
+    saved, now = saved_dp_size(folder), engine.dp_world_size
+    tag = DS_TAG
+    if saved != now:
+        if dist.get_rank() == 0:
+            _to_universal(folder)
+        dist.barrier()
+        tag = UNIVERSAL_TAG
+    # load_universal is read from the engine's config at load time; set it for this load only.
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = tag == UNIVERSAL_TAG
+    try:
+        path, _ = engine.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+    finally:
+        engine._config.load_universal_checkpoint = previous
+    if path is None:
+        raise ConfigError(f"checkpoint {folder} has no readable DeepSpeed state under '{tag}/'")
+
+
+def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 model weights of a DeepSpeed checkpoint, offline (no process group, any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    return {k: v.clone() for k, v in state.items()}  # ZeRO-1/2 gives views of one flat buffer

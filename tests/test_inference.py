@@ -186,7 +186,7 @@ def test_convert_cli_and_checkpoint_errors(run, tmp_path, capsys):
     assert convert_main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert convert_main([str(tmp_path), str(tmp_path / "out")]) == 2  # a folder without checkpoints
-    assert "not a DCP checkpoint" in capsys.readouterr().err
+    assert "is not a checkpoint (no DCP .metadata or deepspeed/ folder)" in capsys.readouterr().err
     # The run's output dir resolves to its latest step.
     assert convert_main([str(run["ckpt"].parent.parent), str(tmp_path / "ok")]) == 0
     assert "step 2" in capsys.readouterr().out

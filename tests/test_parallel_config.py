@@ -85,7 +85,7 @@ def test_deepspeed_refuses_torch_engine_options(override, fragment):
     """Checked when the engine is built (Trainer start-up), before deepspeed is imported."""
     from parallel.deepspeed_engine import _check_layout
 
-    cfg = load_config(TINY, ["parallel.engine=deepspeed", "checkpoint.enabled=false", override])
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", override])
     with pytest.raises(ConfigError) as e:
         _check_layout(cfg)
     msg = one_line(e.value)
@@ -96,7 +96,7 @@ def test_deepspeed_config_json_must_exist(tmp_path):
     from parallel.deepspeed_engine import build_ds_config
 
     missing = tmp_path / "nope.json"
-    cfg = load_config(TINY, ["parallel.engine=deepspeed", "checkpoint.enabled=false", f"parallel.deepspeed.config_json={missing}"])
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", f"parallel.deepspeed.config_json={missing}"])
     with pytest.raises(ConfigError) as e:
         build_ds_config(cfg)
     assert one_line(e.value) == f"parallel.deepspeed.config_json '{missing}' does not exist"
@@ -123,6 +123,6 @@ def test_torchrun_launch_fails_with_one_line_error():
     assert 'trainer/train.py"' not in proc.stderr, "a rank printed a traceback"
 
 
-def test_deepspeed_without_checkpoint_support_says_so():
-    msg = config_error(["parallel.engine=deepspeed"])
-    assert msg.startswith("checkpoints are not implemented for parallel.engine=deepspeed yet")
+def test_deepspeed_refuses_async_save():
+    msg = config_error(["parallel.engine=deepspeed", "checkpoint.async_save=true"])
+    assert msg.startswith("checkpoint.async_save overlaps DCP writes") and "checkpoint.async_save=false" in msg

@@ -7,6 +7,11 @@ process with its data-loader state. It is written under a temporary name and ren
 every rank has finished, so a crash mid-save never leaves a loadable half: only `step_*` folders
 are ever loaded. No RNG state is needed: diffusion noise is seeded by (seed, step, micro-batch)
 and documents by their sample index.
+
+With `parallel.engine=deepspeed` the model and optimizer state are DeepSpeed's own partition files
+under `step_N/deepspeed/` instead of DCP shards (train_state.pt says which: `format`); everything
+else (atomic commit, retention, loader state, config check) is shared. Each engine resumes only its
+own format; `python -m inference.convert` reads both.
 """
 
 from __future__ import annotations
@@ -35,11 +40,25 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 UNSAFE_SECTIONS = ("model", "diffusion")
 
 
+DCP, DEEPSPEED = "dcp", "deepspeed"  # train_state["format"]
+
+
+def checkpoint_format(path: Path) -> str | None:
+    """'dcp' or 'deepspeed' for a complete checkpoint folder, None otherwise."""
+    if not (path / "train_state.pt").is_file():
+        return None
+    if (path / ".metadata").is_file():
+        return DCP
+    if (path / DEEPSPEED).is_dir():
+        return DEEPSPEED
+    return None
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and checkpoint_format(p) is not None)
 
 
 def merge_parts(parts: list[nn.Module]) -> nn.Module:
@@ -79,9 +98,12 @@ class Checkpointer:
 
     def save(
         self, step: int, parts: list[nn.Module], optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
-        rank_state: dict[str, Any],
+        rank_state: dict[str, Any], engine: Any = None,
     ) -> Path:
-        """Write checkpoint `step`; with async_save the DCP write overlaps training until the next call."""
+        """Write checkpoint `step`; with async_save the DCP write overlaps training until the next call.
+
+        `engine`: a DeepSpeedEngine, whose own partition files then replace the DCP shards.
+        """
         self.wait()
         final, tmp = self.root / f"step_{step:08d}", self.root / f".tmp_step_{step:08d}"
         if _rank() == 0:
@@ -90,7 +112,15 @@ class Checkpointer:
         _barrier()
         torch.save(rank_state, tmp / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
-            torch.save(train_state, tmp / "train_state.pt")
+            torch.save({**train_state, "format": DEEPSPEED if engine is not None else DCP}, tmp / "train_state.pt")
+        if engine is not None:
+            from parallel.deepspeed_engine import save_engine_checkpoint
+
+            if self.async_save:
+                raise ConfigError("checkpoint.async_save is not supported with parallel.engine=deepspeed")
+            save_engine_checkpoint(engine, tmp)
+            self._commit(tmp, final)
+            return final
         model_sd, optim_sd = get_state_dict(merge_parts(parts), optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
@@ -136,8 +166,11 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if path.is_dir() and not (path / "train_state.pt").is_file():  # a run's checkpoints folder
         found = checkpoint_dirs(path)
         path = found[-1] if found else path
-    if not (path / "train_state.pt").is_file() or not (path / ".metadata").is_file():
-        raise ConfigError(f"checkpoint.resume={resume}: '{path}' is not a complete checkpoint (no train_state.pt/.metadata)")
+    if checkpoint_format(path) is None:
+        raise ConfigError(
+            f"checkpoint.resume={resume}: '{path}' is not a complete checkpoint "
+            "(needs train_state.pt and DCP .metadata or a deepspeed/ folder)"
+        )
     return path
 
 
@@ -152,20 +185,37 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = U
     return [d for s in sections for d in walk(saved.get(s), current.get(s), s)]
 
 
-def load_checkpoint(path: Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer, config: dict) -> tuple[dict, dict]:
-    """Load model + optimizer into this rank's (parallelised) parts; return (train_state, rank_state).
-
-    Refuses a checkpoint whose model or diffusion config differs, listing the fields.
+def load_checkpoint(
+    path: Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer, config: dict, engine: Any = None,
+) -> tuple[dict, dict]:
+    """Load model + optimizer into this rank's (parallelised) parts or DeepSpeed `engine`; return
+    (train_state, rank_state). Refuses a checkpoint whose model or diffusion config differs, listing
+    the fields, and one written by the other engine.
     """
     train_state = torch.load(path / "train_state.pt", weights_only=False)
     diffs = config_differences(train_state["config"], config)
     if diffs:
         raise ConfigError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs))
+    fmt, want = checkpoint_format(path), DEEPSPEED if engine is not None else DCP
+    if fmt != want:
+        engines = {DCP: "parallel.engine=torch", DEEPSPEED: "parallel.engine=deepspeed"}
+        raise ConfigError(
+            f"checkpoint {path} was written by {engines.get(fmt, fmt)} and resumes only with it (this run uses "
+            f"{engines[want]}); `python -m inference.convert` still reads its weights"
+        )
+    if engine is not None:
+        from parallel.deepspeed_engine import load_engine_checkpoint
+
+        load_engine_checkpoint(engine, path)
+        return train_state, _rank_state(path)
     module = merge_parts(parts)
     model_sd, optim_sd = get_state_dict(module, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return train_state, _rank_state(path)
+
+
+def _rank_state(path: Path) -> dict:
     rank_file = path / f"rank_{_rank():05d}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
-    return train_state, rank_state
+    return torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}

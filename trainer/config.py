@@ -216,9 +216,9 @@ class Config:
             )
         require(p.activation_checkpoint_every >= 1, "parallel.activation_checkpoint_every must be >= 1")
         require(
-            p.engine != "deepspeed" or not self.checkpoint.enabled,
-            "checkpoints are not implemented for parallel.engine=deepspeed yet; set "
-            "checkpoint.enabled=false or use parallel.engine=torch (FSDP2 covers ZeRO-2/3)",
+            p.engine != "deepspeed" or not self.checkpoint.async_save,
+            "checkpoint.async_save overlaps DCP writes of parallel.engine=torch; DeepSpeed writes its "
+            "partitions synchronously: set checkpoint.async_save=false",
         )
         require(self.logging.log_every >= 1, "logging.log_every must be >= 1")
         require(self.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")

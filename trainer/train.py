@@ -226,6 +226,9 @@ class Trainer:
     def load_train_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The next step's lr comes from the optimizer's groups, which a DeepSpeed load does not set.
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
 
 def _micro_batches(loader: Iterator[PackedBatch], n: int) -> list[PackedBatch]:
@@ -249,7 +252,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
     wandb_id, tokens_seen = None, 0
     resume_from = resolve_resume(ck.resume, out / "checkpoints")
     if resume_from is not None:
-        state, rank_state = load_checkpoint(resume_from, trainer.pm.parts, trainer.optimizer, cfg.to_dict())
+        state, rank_state = load_checkpoint(
+            resume_from, trainer.pm.parts, trainer.optimizer, cfg.to_dict(), trainer.engine
+        )
         trainer.load_train_state(state)
         wandb_id = state.get("wandb_id")
         tokens_seen = int(state.get("tokens_seen", 0))
@@ -271,7 +276,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
         return checkpointer.save(
             trainer.step, trainer.pm.parts, trainer.optimizer,
             trainer.train_state(wandb_id=logger.run_id, tokens_seen=tokens_seen),
-            {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)},
+            {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)}, trainer.engine,
         )
 
     try:
