@@ -18,7 +18,9 @@ import json
 import pytest
 import torch
 
-from tests.parallel_worker import layout_config, run_training, spawn_jobs
+from tests.parallel_worker import global_batches, layout_config, run_training, spawn_jobs
+from trainer.preemption import TrainingDiverged
+from trainer.train import Trainer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -99,3 +101,25 @@ def test_deepspeed_matches_single_process(name, results_dir):
         assert res["params"].keys() == ref_params.keys()
         for key, want in ref_params.items():
             torch.testing.assert_close(res["params"][key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=key)
+
+
+def poisoned_step(cfg, env) -> dict:
+    """One step with a NaN weight: DeepSpeed cannot skip the update, so the trainer must stop."""
+    trainer = Trainer(cfg, env)
+    with torch.no_grad():
+        trainer.model.tok_embeddings.weight.fill_(float("nan"))
+    per_rank = cfg.train.grad_accum
+    batches = global_batches(cfg, env.dims.dp)[0][env.dp_rank * per_rank : (env.dp_rank + 1) * per_rank]
+    try:
+        trainer.train_step(batches)
+    except TrainingDiverged as e:
+        return {"stopped": str(e)}
+    return {"stopped": None}
+
+
+def test_non_finite_step_stops_the_run(tmp_path):
+    ranks = spawn_jobs(WORLD, poisoned_step, [("nan", DS + ["parallel.deepspeed.zero_stage=2"])], str(tmp_path))["nan"]
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+        assert res["stopped"] is not None, f"rank {r} trained on"
+        assert "under parallel.engine=deepspeed, which cannot skip the update" in res["stopped"]

@@ -129,7 +129,7 @@ class CheckpointConfig:
     enabled: bool = True
     resume: str = "auto"  # auto (latest in <output_dir>/checkpoints, if any) | none | a checkpoint path
     async_save: bool = False  # overlap the write with training (DCP async_save)
-    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before saving and stopping
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before saving and stopping; deepspeed stops at 1
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -194,7 +195,16 @@ class Trainer:
         if self.env.dims.dp > 1:
             dist.all_reduce(totals, op=dist.ReduceOp.AVG, group=self.env.group("dp"))
         loss, lm, diff = totals.tolist()
-        return StepResult(loss, lm, diff, grad_norm(engine), lr, sum(b.tokens.numel() for b in batches))
+        norm = grad_norm(engine)
+        if not (torch.isfinite(totals).all() and math.isfinite(norm)):
+            # DeepSpeed has already applied the update (it skips only fp16 overflows), so the
+            # weights are suspect: stop without saving them.
+            raise TrainingDiverged(
+                f"non-finite loss {loss} or grad norm {norm} at step {self.step} under parallel.engine=deepspeed, "
+                "which cannot skip the update; nothing was saved. Resume from the last checkpoint with a lower "
+                "optim.lr, or check the data"
+            )
+        return StepResult(loss, lm, diff, norm, lr, sum(b.tokens.numel() for b in batches))
 
     def _pipeline_step(self, batches: list[PackedBatch]) -> torch.Tensor:
         kwarg_mbs, target_mbs = [], []
