@@ -1,7 +1,9 @@
 """The single-process trainer: overfitting a fixed batch, a full run, loader resume, determinism."""
 
+import json
 import pickle
 
+import pytest
 import torch
 
 from trainer.data import build_loader
@@ -50,6 +52,12 @@ def test_full_run_logs_checkpoints_and_is_deterministic(tiny_cfg, tmp_path, caps
     assert state["tokens_seen"] == 6 * 2 * tiny_cfg.train.batch_size * tiny_cfg.train.seq_len
     assert "loader" in torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
     assert list((tiny_cfg.output_dir / "wandb").glob("offline-run-*"))
+    rows = [json.loads(line) for line in (tiny_cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    for row, window in zip(rows, (h1[:3], h1[3:])):  # a log line summarises the steps since the last
+        for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+            assert row[key] == pytest.approx(sum(m[key] for m in window) / 3, rel=1e-12), key
+        assert row["lr"] == window[-1]["lr"] and row["tokens_seen"] == window[-1]["tokens_seen"]
     tiny_cfg.logging.wandb = "disabled"
     tiny_cfg.checkpoint.enabled = False
     tiny_cfg.checkpoint.resume = "none"  # a fresh run in the same folder, not a resume

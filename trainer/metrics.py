@@ -1,5 +1,9 @@
 """Per-step metrics to stdout, to `<output_dir>/metrics.jsonl` (full precision) and to wandb.
 
+A logged line summarises the steps since the previous one (`window_summary`): mean losses and grad
+norm, throughput over the window's wall time, the current lr and token count. With log_every 1 it
+is the step itself.
+
 wandb is offline unless the user configured online; a resumed run continues the same wandb run
 (same id) and appends to the same metrics file, so step counts continue across restarts.
 """
@@ -12,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoggingConfig
+
+
+MEANS = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "step_s")
+
+
+def window_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    """One logged row for the per-step `rows` since the last log line (see the module docstring)."""
+    seconds = sum(r["step_s"] for r in rows)
+    tokens = sum(r["tokens_per_s"] * r["step_s"] for r in rows)
+    return {**{k: sum(r[k] for r in rows) / len(rows) for k in MEANS},
+            "lr": rows[-1]["lr"], "tokens_per_s": tokens / seconds, "tokens_seen": rows[-1]["tokens_seen"]}
 
 
 class MetricsLogger:

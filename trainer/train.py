@@ -31,7 +31,7 @@ from parallel.parallelize import ParallelModel, parallelize
 from .checkpoint import Checkpointer, load_checkpoint, resolve_resume
 from .config import Config, load_config
 from .data import build_loader
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, window_summary
 from .optim import build_optimizer_for, build_scheduler
 from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
 
@@ -280,7 +280,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
     preemption = PreemptionWatcher()
     history: list[dict[str, float]] = []
     last_ckpt: Path | None = None
-    bad_steps, exit_code = 0, 0
+    bad_steps, exit_code, logged = 0, 0, 0  # logged: history rows already summarised in a log line
 
     def save() -> Path:
         return checkpointer.save(
@@ -311,11 +311,12 @@ def train(cfg: Config) -> list[dict[str, float]]:
             metrics = {
                 "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
                 "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": tokens_seen,
+                "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": tokens_seen, "step_s": dt,
             }
             history.append(metrics)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                logger.log(step, metrics)
+                logger.log(step, window_summary(history[logged:]))
+                logged = len(history)
             preempted = preemption.requested()
             if ck.enabled and (preempted or (ck.interval and step % ck.interval == 0) or step == cfg.train.steps):
                 last_ckpt = save()
