@@ -1,8 +1,8 @@
 """Process-group set-up and the one DeviceMesh `(dp_replicate, dp_shard, pp, tp)` all layouts share.
 
 Tensor-parallel ranks are innermost (fastest links, inside a node), then pipeline stages, then data
-parallelism. The ranks of one model replica (pp x tp) are therefore consecutive, which is what
-streaming's `replication` needs to hand them identical samples.
+parallelism. The ranks of one model replica (pp x tp) are therefore consecutive and share one
+data-parallel rank, which is what the data loader partitions by.
 """
 
 from __future__ import annotations

@@ -216,6 +216,19 @@ def load_checkpoint(
     return train_state, _rank_state(path)
 
 
+def data_parallel_states(path: Path) -> list[dict]:
+    """One saved rank state per old data-parallel rank, in rank order (tp/pp replicas share one)."""
+    by_dp: dict[int, dict] = {}
+    for f in sorted(path.glob("rank_*.pt")):
+        state = torch.load(f, weights_only=False)
+        if "dp" in state:
+            by_dp.setdefault(state["dp"][0], state)
+    sizes = {s["dp"][1] for s in by_dp.values()}
+    if len(sizes) != 1 or sorted(by_dp) != list(range(sizes.pop())):
+        raise ConfigError(f"checkpoint {path}: the per-rank data states (rank_*.pt) are incomplete")
+    return [by_dp[r] for r in sorted(by_dp)]
+
+
 def _rank_state(path: Path) -> dict:
     rank_file = path / f"rank_{_rank():05d}.pt"
     return torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}

@@ -64,6 +64,7 @@ class DataConfig:
     source: Literal["synthetic", "streaming"] = "synthetic"
     streams: list[StreamConfig] = field(default_factory=list)  # for source: streaming
     shuffle: bool = True
+    shuffle_block: int = 1 << 16  # streaming: samples are shuffled within blocks of this many positions
     max_caption_tokens: int = 128  # longer captions are cut
     sample_latents: bool = True  # draw each latent from the stored posterior (else use its mean)
     text_fraction: float = 0.5  # synthetic source: share of documents that are text-only
@@ -220,6 +221,7 @@ class Config:
             "checkpoint.async_save overlaps DCP writes of parallel.engine=torch; DeepSpeed writes its "
             "partitions synchronously: set checkpoint.async_save=false",
         )
+        require(self.data.shuffle_block >= 1, "data.shuffle_block must be >= 1")
         require(self.logging.log_every >= 1, "logging.log_every must be >= 1")
         require(self.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")

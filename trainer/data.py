@@ -45,6 +45,17 @@ class PackedLoader:
         self.source.load_state_dict(state["source"])
         self.packer.load_state_dict(state["packer"])
 
+    def load_elastic_state(self, states: list[dict]) -> str:
+        """Continue from the loader states of every rank of a layout with another number of
+        data-parallel ranks; returns what happened, for the log. The old packers' unfinished rows are
+        dropped (their documents were read). Raises NotImplementedError for sources without it."""
+        if not hasattr(self.source, "load_elastic_state"):
+            raise NotImplementedError(f"{type(self.source).__name__} cannot continue on another layout")
+        report = self.source.load_elastic_state([s["source"] for s in states])
+        held = sum(len(s["packer"]["waiting"]) + len(s["packer"]["ready"]) + (s["packer"]["fill"] > 0)
+                   for s in states)
+        return f"{report}; dropped {held} unfinished rows or waiting images of the old ranks' packers"
+
 
 def document_builder(cfg: Config) -> DocumentBuilder:
     d = cfg.data
@@ -55,12 +66,9 @@ def document_builder(cfg: Config) -> DocumentBuilder:
     return DocumentBuilder(cfg.model.tokens, recipe)
 
 
-def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, replication: int = 1) -> PackedLoader:
-    """The training loader for data-parallel rank `rank` of `world_size`.
-
-    `replication`: how many consecutive processes (tensor/pipeline ranks of one replica) read the
-    same data; streaming sources get it from the launcher's environment, synthetic ones from rank.
-    """
+def build_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PackedLoader:
+    """The training loader for data-parallel rank `rank` of `world_size` (the tensor and pipeline
+    ranks of one replica share a data-parallel rank, so they read the same data)."""
     builder = document_builder(cfg)
     if cfg.data.source == "synthetic":
         from .synthetic import SyntheticSource
@@ -69,6 +77,6 @@ def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, replication: i
     else:
         from .streaming import StreamingSource
 
-        source = StreamingSource(cfg, builder, replication)
+        source = StreamingSource(cfg, builder, rank, world_size)
     packer = SequencePacker(cfg.train.seq_len, cfg.model.patches_per_image, cfg.model.tokens, cfg.data.max_waiting_images)
     return PackedLoader(source, packer, cfg.train.batch_size, cfg.model)

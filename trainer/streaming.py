@@ -1,21 +1,27 @@
 """Training documents from mosaicml-streaming shards (written by data_prep/), mixed by tokens.
 
-Each configured stream is its own `StreamingDataset` over MDS shards (schema: data_prep/schema.py);
-streaming does the per-rank partitioning, shuffling and shard caching. Streams are mixed by
-*tokens*: the next document comes from the stream furthest below its share of the positions
-emitted so far, so a 1:1 mix means as many image positions as text positions (the paper's mix).
+Each configured stream is its own `StreamingDataset` over MDS shards (schema: data_prep/schema.py):
+streaming reads the index, downloads and caches shards, and returns samples by id. Which ids a
+data-parallel rank reads, in which order, is ours (trainer/sample_order.py): every rank walks its
+own contiguous part of a shard-local shuffle of the epoch, with no node-wide coordination, so ranks
+may cross epoch boundaries at different steps, and the state is exact and elastic. Streams are
+mixed by *tokens*: the next document comes from the stream furthest below its share of the
+positions emitted so far, so a 1:1 mix means as many image positions as text positions (the
+paper's mix).
 
-Exact resume: the state is, per stream, the epoch and the number of samples this rank consumed in
-it. A restored stream fast-forwards inside streaming (which drops the first samples of each rank's
-partition) instead of re-reading them. Randomness per document (recipe choices, the latent draw)
-comes from a generator seeded by (seed, stream, epoch, sample), never from global state.
+Why not StreamingDataset's own iterator and state_dict: its resume state is one global sample
+count in node-shared memory, and each new epoch is a barrier across the node's ranks. Token mixing
+makes ranks take different numbers of samples from each stream, so the ranks of a node would
+overwrite each other's resume point and block at different steps.
+
+Randomness per document (recipe choices, the latent draw) comes from a generator seeded by (seed,
+stream, epoch, position in the epoch), so a sample is the same document whichever rank reads it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ from model.config_base import ConfigError
 
 from .config import Config, StreamConfig
 from .documents import Document, DocumentBuilder
+from .sample_order import EpochOrder, RankCursor, deal, merge, position_at, segments_length
 
 
 def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
@@ -56,11 +63,11 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
 
 
 class StreamingSource:
-    """Iterator over Documents from several MDS streams, mixed by tokens; exact resume per rank."""
+    """Iterator over Documents from several MDS streams, mixed by tokens; exact, elastic resume."""
 
-    def __init__(self, cfg: Config, builder: DocumentBuilder, replication: int = 1) -> None:
+    def __init__(self, cfg: Config, builder: DocumentBuilder, rank: int = 0, world: int = 1) -> None:
         d = cfg.data
-        self.cfg, self.builder = cfg, builder
+        self.cfg, self.builder, self.rank, self.world = cfg, builder, rank, world
         self.streams = d.streams
         for s in self.streams:
             check_dataset_info(s, cfg)
@@ -68,47 +75,42 @@ class StreamingSource:
         self.max_caption = d.max_caption_tokens
         self.sample_posterior = d.sample_latents
         self.P = cfg.model.patches_per_image
-        self.datasets = [
-            StreamingDataset(
-                local=s.path, remote=s.remote, shuffle=d.shuffle,
-                shuffle_seed=self.seed + i, batch_size=1, replication=replication if replication > 1 else None,
-            )
-            for i, s in enumerate(self.streams)
-        ]
+        self.datasets = [StreamingDataset(local=s.path, remote=s.remote, shuffle=False, batch_size=1)
+                         for s in self.streams]
+        for s, ds in zip(self.streams, self.datasets):
+            if ds.num_samples < world:
+                raise ConfigError(f"data stream '{s.path}' has {ds.num_samples} samples, fewer than the {world} "
+                                  "data-parallel ranks that share it")
         shares = np.array([s.proportion for s in self.streams], dtype=np.float64)
         self.shares = shares / shares.sum()
-        self.epoch = [0] * len(self.streams)
-        self.consumed = [0] * len(self.streams)  # samples this rank took in the current epoch
+        self.cursors = [RankCursor(0, deal([[0, ds.num_samples]], world, rank)) for ds in self.datasets]
         self.positions = [0] * len(self.streams)  # sequence positions emitted, for the token mix
-        self._iters: list[Any] = [None] * len(self.streams)
+        self._orders: list[EpochOrder | None] = [None] * len(self.streams)
 
     def __iter__(self) -> "StreamingSource":
         return self
 
-    def _start(self, i: int) -> None:
-        ds = self.datasets[i]
-        world = ds._parallel_rank_world.num_ranks  # ranks reading distinct samples
-        state = ds.state_dict(num_samples=self.consumed[i] * world, from_beginning=True)
-        state["epoch"] = self.epoch[i]
-        ds.load_state_dict(state)
-        self._iters[i] = iter(ds)
+    def _order(self, i: int) -> EpochOrder:
+        epoch = self.cursors[i].epoch
+        if self._orders[i] is None or self._orders[i].epoch != epoch:
+            ds, d = self.datasets[i], self.cfg.data
+            self._orders[i] = EpochOrder(ds.samples_per_shard, self.seed + i, epoch, d.shuffle, d.shuffle_block)
+        return self._orders[i]
 
-    def _next_sample(self, i: int) -> dict:
-        if self._iters[i] is None:
-            self._start(i)
-        try:
-            return next(self._iters[i])
-        except StopIteration:
-            self.epoch[i] += 1
-            self.consumed[i] = 0
-            self._start(i)
-            return next(self._iters[i])
+    def _next_sample(self, i: int) -> tuple[dict, int, int]:
+        """The next sample of stream i for this rank, with its (epoch, position)."""
+        cur = self.cursors[i]
+        while cur.taken >= segments_length(cur.part):  # part done: this rank's share of the next epoch
+            n = self.datasets[i].num_samples
+            cur.epoch, cur.part, cur.taken = cur.epoch + 1, deal([[0, n]], self.world, self.rank), 0
+        pos = position_at(cur.part, cur.taken)
+        cur.taken += 1
+        return self.datasets[i][self._order(i).sample_id(pos)], cur.epoch, pos
 
     def __next__(self) -> Document:
         i = int(np.argmin([p / s for p, s in zip(self.positions, self.shares)]))
-        sample = self._next_sample(i)
-        rng = np.random.default_rng([self.seed, i, self.epoch[i], self.consumed[i]])
-        self.consumed[i] += 1
+        sample, epoch, pos = self._next_sample(i)
+        rng = np.random.default_rng([self.seed, i, epoch, pos])
         doc = self._document(self.streams[i].kind, sample, rng)
         self.positions[i] += doc.num_positions(self.P)
         return doc
@@ -126,9 +128,24 @@ class StreamingSource:
         return self.builder.image_caption(caption, latent, rng)
 
     def state_dict(self) -> dict:
-        return {"epoch": list(self.epoch), "consumed": list(self.consumed), "positions": list(self.positions)}
+        return {"streams": [c.state_dict() for c in self.cursors], "positions": list(self.positions),
+                "world": self.world}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = list(state["epoch"]), list(state["consumed"])
+        if "streams" not in state or len(state["streams"]) != len(self.streams):
+            raise ConfigError(f"the saved data state does not match data.streams ({len(self.streams)} streams); "
+                              "resume with the streams the run was saved with, or checkpoint.resume=none")
+        self.cursors = [RankCursor.from_state(s) for s in state["streams"]]
         self.positions = list(state["positions"])
-        self._iters = [None] * len(self.streams)
+
+    def load_elastic_state(self, states: list[dict]) -> str:
+        """Continue from the states of all ranks of a layout with another number of data-parallel
+        ranks (in rank order); returns a summary for the log."""
+        report = []
+        for i in range(len(self.streams)):
+            self.cursors[i], repeated = merge([RankCursor.from_state(s["streams"][i]) for s in states],
+                                              self.world, self.rank)
+            report.append(f"{self.streams[i].kind} stream: {segments_length(self.cursors[i].part)} samples of "
+                          f"epoch {self.cursors[i].epoch} left for this rank, {repeated} to be read again")
+        self.positions = [sum(s["positions"][i] for s in states) // len(states) for i in range(len(self.streams))]
+        return "; ".join(report)

@@ -28,7 +28,7 @@ from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.grad_clip import clip_grad_norm
 from parallel.parallelize import ParallelModel, parallelize
 
-from .checkpoint import Checkpointer, load_checkpoint, resolve_resume
+from .checkpoint import Checkpointer, data_parallel_states, load_checkpoint, resolve_resume
 from .config import Config, load_config
 from .data import build_loader
 from .metrics import MetricsLogger, window_summary
@@ -256,7 +256,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
     device_type = None if cfg.train.device == "auto" else cfg.train.device
     env = init_distributed(ParallelDims.from_config(p), device_type=device_type)
     trainer = Trainer(cfg, env)
-    loader = build_loader(cfg, env.dp_rank, env.dims.dp, replication=env.dims.pp * env.dims.tp)
+    loader = build_loader(cfg, env.dp_rank, env.dims.dp)
     out, ck = cfg.output_dir, cfg.checkpoint
     checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
     wandb_id, tokens_seen = None, 0
@@ -271,7 +271,13 @@ def train(cfg: Config) -> list[dict[str, float]]:
         if rank_state.get("dp") == (env.dp_rank, env.dims.dp):
             loader.load_state_dict(rank_state["loader"])
         else:
-            log.warning("data-parallel layout changed since %s: the data order restarts", resume_from)
+            old = data_parallel_states(resume_from)
+            try:
+                report = loader.load_elastic_state([s["loader"] for s in old])
+                if env.is_main:
+                    print(f"data-parallel ranks {len(old)} -> {env.dims.dp}: the data continues ({report})")
+            except NotImplementedError as e:
+                log.warning("data-parallel size changed since %s: the data order restarts (%s)", resume_from, e)
     logger = MetricsLogger(cfg.logging, out, cfg.to_dict(), enabled=env.is_main, resume_id=wandb_id)
     if env.is_main:
         n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
