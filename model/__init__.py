@@ -3,10 +3,10 @@
 from .batch import IGNORE_INDEX, PackedBatch
 from .config import DiffusionConfig, ModelConfig, SpecialTokens
 from .diffusion import NoiseSchedule
-from .losses import LossOutput, training_forward, transfusion_loss
+from .losses import LossNorm, LossOutput, training_forward, transfusion_loss
 from .transfusion import ModelOutput, TransfusionModel
 
 __all__ = [
     "IGNORE_INDEX", "PackedBatch", "DiffusionConfig", "ModelConfig", "SpecialTokens", "NoiseSchedule",
-    "LossOutput", "training_forward", "transfusion_loss", "ModelOutput", "TransfusionModel",
+    "LossNorm", "LossOutput", "training_forward", "transfusion_loss", "ModelOutput", "TransfusionModel",
 ]

@@ -13,6 +13,15 @@ from .diffusion import NoiseSchedule
 from .transfusion import ModelOutput, TransfusionModel
 
 
+@dataclass(frozen=True)
+class LossNorm:
+    """Denominators for a step of several micro-batches (and data-parallel ranks): its total number
+    of text targets and of images, so every token and every image weighs the same in the step."""
+
+    text_targets: int
+    images: int
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -21,11 +30,17 @@ class LossOutput:
 
 
 def transfusion_loss(
-    out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor, loss_weight: float
+    out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor, loss_weight: float,
+    norm: LossNorm | None = None,
 ) -> LossOutput:
-    """LM loss on positions with a target only; diffusion loss on image patches only."""
+    """LM loss on positions with a target only; diffusion loss on image patches only.
+
+    Without `norm`, means over this batch's text targets and images; with it, this batch's sums
+    divided by the step's totals (summing the micro-batches' terms then gives the step's means).
+    """
     logits = out.logits.float()
-    if (text_targets != IGNORE_INDEX).any():
+    n_text = int((text_targets != IGNORE_INDEX).sum())
+    if n_text:
         lm = F.cross_entropy(logits.flatten(0, 1), text_targets.flatten(), ignore_index=IGNORE_INDEX)
     else:
         lm = logits.sum() * 0.0  # keeps the graph (and every rank's collectives) intact
@@ -36,6 +51,9 @@ def transfusion_loss(
         diffusion = per_image.mean()
     else:
         diffusion = out.noise_pred.sum() * 0.0
+    if norm is not None:
+        lm = lm * (n_text / max(norm.text_targets, 1))
+        diffusion = diffusion * (noise.shape[0] / max(norm.images, 1))
     return LossOutput(lm + loss_weight * diffusion, lm, diffusion)
 
 

@@ -114,8 +114,8 @@ def build_pipeline(
         modules.append(module)
         stages.append(PipelineStage(module, s, n_stages, device, group=pp_group))
     if multi:
-        schedule = schedule_cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        schedule = schedule_cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     else:
-        schedule = schedule_cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+        schedule = schedule_cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return schedule, modules
 

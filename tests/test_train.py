@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer.data import build_loader
 from trainer.optim import lr_at
@@ -83,3 +84,31 @@ def test_bf16_autocast_step_runs(tiny_cfg):
     trainer = Trainer(tiny_cfg)
     result = trainer.train_step([next(build_loader(tiny_cfg))])
     assert torch.isfinite(torch.tensor(result.loss)) and all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_step_loss_is_the_mean_over_all_tokens_and_images_of_its_micro_batches(tiny_cfg):
+    """Two micro-batches with different amounts of text and images: the step's losses weigh every
+    text target and every image once (a mean of per-micro-batch means would not)."""
+    tiny_cfg.train.grad_accum = 2
+    trainer = Trainer(tiny_cfg)
+    batches = []
+    for fraction in (0.8, 0.2):  # mostly text, then mostly images
+        tiny_cfg.data.text_fraction = fraction
+        batches.append(next(build_loader(tiny_cfg)))
+    texts, images = [b.num_text_tokens() for b in batches], [b.num_images for b in batches]
+    assert texts[0] != texts[1] and images[0] != images[1]
+    ce, mse = [], []
+    with torch.no_grad():
+        for micro, b in enumerate(batches):
+            noisy, t, noise = trainer._noised(b, micro)
+            out = trainer.model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, t)
+            ce.append(F.cross_entropy(out.logits.flatten(0, 1), b.text_targets.flatten(), ignore_index=-100,
+                                      reduction="sum").item())
+            mse.append((out.noise_pred - noise).pow(2).flatten(1).mean(1).sum().item())
+    result = trainer.train_step(batches)
+    assert result.lm_loss == pytest.approx(sum(ce) / sum(texts), rel=1e-5)
+    assert result.diffusion_loss == pytest.approx(sum(mse) / sum(images), rel=1e-5)
+    # The batches are different enough that a mean of means would be outside those tolerances.
+    lm_means, diffusion_means = (ce[0] / texts[0] + ce[1] / texts[1]) / 2, (mse[0] / images[0] + mse[1] / images[1]) / 2
+    assert abs(lm_means - result.lm_loss) > 10 * 1e-5 * result.lm_loss
+    assert abs(diffusion_means - result.diffusion_loss) > 10 * 1e-5 * result.diffusion_loss

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from model import ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
+from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
 from model.config_base import ConfigError
 from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.grad_clip import clip_grad_norm
@@ -83,6 +83,7 @@ class Trainer:
             model = TransfusionModel(cfg.model)
         self.schedule = NoiseSchedule(cfg.diffusion)
         self._pp_losses: list[torch.Tensor] = []
+        self._norm: LossNorm | None = None  # this step's loss denominators (see train_step)
         self.engine = None  # a DeepSpeedEngine when parallel.engine=deepspeed
         if p.engine == "deepspeed":
             self._init_deepspeed(model)
@@ -119,23 +120,39 @@ class Trainer:
 
     def _pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
         logits, noise_pred, noise = outputs
-        losses = transfusion_loss(ModelOutput(logits, noise_pred), text_targets, noise, self.cfg.diffusion.loss_weight)
+        losses = transfusion_loss(
+            ModelOutput(logits, noise_pred), text_targets, noise, self.cfg.diffusion.loss_weight, self._norm
+        )
         self._pp_losses.append(torch.stack([losses.total, losses.lm, losses.diffusion]).detach())
-        return losses.total
+        return losses.total * self.env.dims.dp  # summed over micro-batches (scale_grads=False)
 
     def _noised(self, batch: PackedBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         global_micro = self.env.dp_rank * self.cfg.train.grad_accum + micro
         gen = noise_generator(self.device, self.cfg.train.seed, self.step, global_micro)
         return self.schedule.sample_training_inputs(batch.latents, batch.image_max_t, gen)
 
+    def _step_norm(self, batches: list[PackedBatch]) -> LossNorm:
+        """The step's text targets and images over all micro-batches and data-parallel ranks."""
+        counts = torch.tensor([sum(b.num_text_tokens() for b in batches), sum(b.num_images for b in batches)],
+                              dtype=torch.int64, device=self.device)
+        if self.env.dims.dp > 1:
+            dist.all_reduce(counts, group=self.env.group("dp"))
+        return LossNorm(*counts.tolist())
+
     def train_step(self, batches: list[PackedBatch]) -> StepResult:
-        """One optimizer step over `batches` (this rank's micro-batches)."""
+        """One optimizer step over `batches` (this rank's micro-batches).
+
+        The loss is the step's mean over every text target and every image of all micro-batches and
+        data-parallel ranks (not a mean of per-micro-batch means). Data-parallel gradient reduction
+        averages over ranks, so each rank back-propagates dp x its share.
+        """
+        batches = [b.to(self.device) for b in batches]
+        self._norm = self._step_norm(batches)
         if self.engine is not None:
             return self._deepspeed_step(batches)
         self.pm.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        batches = [b.to(self.device) for b in batches]
         with self._loss_context():
             totals = self._pipeline_step(batches) if self.pm.schedule else self._plain_step(batches)
         tokens = sum(b.tokens.numel() for b in batches)
@@ -144,9 +161,8 @@ class Trainer:
             self.env.group("pp") if self.env.dims.pp > 1 else None,
         )
         if self.env.dims.dp > 1:
-            dist.all_reduce(totals, op=dist.ReduceOp.AVG, group=self.env.group("dp"))
-        # The grad norm is global and the losses are averaged over data-parallel ranks, so every
-        # rank takes the same decision.
+            dist.all_reduce(totals, group=self.env.group("dp"))
+        # The grad norm and the losses are global, so every rank takes the same decision.
         finite = bool(torch.isfinite(totals).all()) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -164,14 +180,15 @@ class Trainer:
             noisy, t, noise = self._noised(batch, micro)
             with self.autocast():
                 out = self.model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight)
-            (losses.total / len(batches)).backward()
-            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach() / len(batches)
+                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight, self._norm)
+            (losses.total * self.env.dims.dp).backward()
+            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach()
         return totals
 
     def _deepspeed_step(self, batches: list[PackedBatch]) -> StepResult:
-        """One step through the DeepSpeed engine: it scales each micro-batch loss by 1/grad_accum,
-        averages gradients over dp, clips, and runs our AdamW + LR schedule at the last micro-batch."""
+        """One step through the DeepSpeed engine: it scales each micro-batch loss by 1/grad_accum
+        (undone here), averages gradients over dp, clips, and runs our AdamW + LR schedule at the
+        last micro-batch."""
         from parallel.deepspeed_engine import grad_norm
 
         engine = self.engine
@@ -181,19 +198,18 @@ class Trainer:
             )
         engine.train()
         lr = self.scheduler.get_last_lr()[0]
-        batches = [b.to(self.device) for b in batches]
         totals = torch.zeros(3, device=self.device)
         for micro, batch in enumerate(batches):
             noisy, t, noise = self._noised(batch, micro)
             with self.autocast():
                 out = engine(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight)
-            engine.backward(losses.total)
+                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight, self._norm)
+            engine.backward(losses.total * (self.env.dims.dp * len(batches)))
             engine.step()  # optimizer + LR schedule only at the accumulation boundary
-            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float() / len(batches)
+            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
         self.step += 1
         if self.env.dims.dp > 1:
-            dist.all_reduce(totals, op=dist.ReduceOp.AVG, group=self.env.group("dp"))
+            dist.all_reduce(totals, group=self.env.group("dp"))
         loss, lm, diff = totals.tolist()
         norm = grad_norm(engine)
         if not (torch.isfinite(totals).all() and math.isfinite(norm)):
@@ -225,7 +241,7 @@ class Trainer:
         totals = torch.zeros(3, device=self.device)
         # Stage set-up on the first step also calls the loss function (shape inference): keep the real ones.
         for losses in self._pp_losses[-len(batches):]:
-            totals += losses.float() / len(batches)
+            totals += losses.float()
         # Only the last stage computed the losses; share them with the other stages.
         dist.all_reduce(totals, group=self.env.group("pp"))
         return totals
