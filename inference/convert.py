@@ -25,6 +25,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from model.config import DiffusionConfig, ModelConfig
 from model.config_base import ConfigError, from_dict
 from parallel.deepspeed_engine import DS_TAG, consolidated_state_dict
+from trainer.checkpoint_files import (
+    MANIFEST, TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, load_plain, verify_folder,
+)
 
 from .hf_llama import export_hf_llama
 from .images import VAEError, load_vae
@@ -59,13 +62,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file against the checkpoint's manifest (older checkpoints without one: a warning)."""
+    if not (ckpt / MANIFEST).is_file():
+        print(f"warning: {ckpt} has no {MANIFEST} (an older checkpoint): its files are not verified", file=sys.stderr)
+        return
+    try:
+        verify_folder(ckpt)
+    except CheckpointDamaged as e:
+        raise InferenceFolderError(str(e)) from None
+
+
 def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[str, Any]]:
     """Model/diffusion configs and provenance from train_state.pt (only those sections are read)."""
     path = ckpt / "train_state.pt"
     if not path.is_file():
         raise InferenceFolderError(f"checkpoint '{ckpt}' has no train_state.pt, so its model config is unknown")
-    # Our own trainer's file: it pickles loader/packer state too, hence weights_only=False.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = load_plain(path)
+    except (PickledCheckpointFile, CheckpointDamaged) as e:
+        raise InferenceFolderError(str(e)) from None
     config = state.get("config") if isinstance(state, dict) else None
     if not isinstance(config, dict) or "model" not in config:
         raise InferenceFolderError(f"{path} holds no config with a 'model' section")
@@ -119,6 +135,7 @@ def convert_checkpoint(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt = resolve_checkpoint(ckpt_dir)
+    verify_checkpoint(ckpt)
     model_cfg, diffusion_cfg, source = read_train_configs(ckpt)
     if tokenizer is not None:
         TextTokenizer(tokenizer, model_cfg)  # fail before writing anything
@@ -168,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     max_shard: int | str = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    print(f"warning: {TRUST_WARNING}", file=sys.stderr)
     try:
         cfg = convert_checkpoint(
             args.ckpt_dir, args.out_dir, args.dtype, max_shard, args.tokenizer, args.vae, args.vae_mode,

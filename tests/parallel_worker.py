@@ -94,5 +94,5 @@ def run_jobs(rank: int, world: int, port: int, job: Callable, jobs: list[tuple],
 def spawn_jobs(world: int, job: Callable, jobs: list[tuple], out: str) -> dict[str, list[dict]]:
     """Run `jobs` on `world` spawned ranks; return each job's per-rank results."""
     mp.start_processes(run_jobs, args=(world, free_port(), job, jobs, out), nprocs=world, start_method="spawn")
-    return {name: [torch.load(Path(out) / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+    return {name: [torch.load(Path(out) / f"{name}.rank{r}.pt", weights_only=True) for r in range(world)]
             for name, *_ in jobs}

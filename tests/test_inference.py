@@ -200,7 +200,7 @@ def test_convert_cli_and_checkpoint_errors(run, tmp_path, capsys):
     # A checkpoint whose stored config does not describe its weights.
     bad = tmp_path / "bad_ckpt"
     shutil.copytree(run["ckpt"], bad)
-    state = torch.load(bad / "train_state.pt", weights_only=False)
+    state = torch.load(bad / "train_state.pt", weights_only=True)
     state["config"]["model"]["n_layers"] = 5
     torch.save(state, bad / "train_state.pt")
     with pytest.raises(InferenceFolderError, match=r"missing \d+ tensors: layers\.4\.") as e:

@@ -67,7 +67,7 @@ def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
     step = max(losses_by_step(tmp_path))
     assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
     assert "preemption signal" in out
-    run_id = torch.load(checkpoint_dirs(tmp_path / "checkpoints")[0] / "train_state.pt", weights_only=False)["wandb_id"]
+    run_id = torch.load(checkpoint_dirs(tmp_path / "checkpoints")[0] / "train_state.pt", weights_only=True)["wandb_id"]
     again = launch(tmp_path, f"train.steps={step + 2}", "logging.wandb=offline")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]

@@ -48,10 +48,10 @@ def test_full_run_logs_checkpoints_and_is_deterministic(tiny_cfg, tmp_path, caps
     assert "step      3 | loss" in out and "tokens_per_s" in out
     ckpts = sorted(p.name for p in (tiny_cfg.output_dir / "checkpoints").iterdir())
     assert ckpts == ["step_00000004", "step_00000006"]  # keep_last=2
-    state = torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=False)
+    state = torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=True)
     assert state["step"] == 6 and state["config"]["train"]["steps"] == 6
     assert state["tokens_seen"] == 6 * 2 * tiny_cfg.train.batch_size * tiny_cfg.train.seq_len
-    assert "loader" in torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=False)
+    assert "loader" in torch.load(tiny_cfg.output_dir / "checkpoints" / "step_00000006" / "rank_00000.pt", weights_only=True)
     assert list((tiny_cfg.output_dir / "wandb").glob("offline-run-*"))
     rows = [json.loads(line) for line in (tiny_cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoggingConfig
+from .redact import redact
 
 
 MEANS = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "step_s")
@@ -44,10 +45,12 @@ class MetricsLogger:
         if cfg.wandb != "disabled":
             import wandb
 
+            # No environment secret reaches wandb: the config is redacted by the caller, the run name
+            # here, and wandb's system metadata (which records the command line) is not collected.
             self.run = wandb.init(
-                project=cfg.project, name=cfg.run_name, mode=cfg.wandb, dir=str(output_dir), config=config,
+                project=cfg.project, name=redact(cfg.run_name), mode=cfg.wandb, dir=str(output_dir), config=config,
                 id=resume_id, resume="allow" if resume_id else None,
-                settings=wandb.Settings(console="off", silent=True),
+                settings=wandb.Settings(console="off", silent=True, x_disable_meta=True),
             )
 
     @property

@@ -1,4 +1,4 @@
-"""Sequence packing: documents -> fixed-length rows -> PackedBatch (DESIGN.md §2).
+"""Sequence packing: documents -> fixed-length rows -> PackedBatch (docs/architecture.md).
 
 Text-only documents are split across rows where a row fills up (the continuation restarts its
 positions in the next row). A document with an image never straddles rows: if it does not fit in
@@ -10,7 +10,7 @@ longer than a row that holds an image is rejected with an error naming the sizes
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -162,11 +162,27 @@ class SequencePacker:
         return [self.ready.popleft() for _ in range(n)]
 
     def state_dict(self) -> dict:
-        return {"row": self.row, "fill": self.fill, "waiting": list(self.waiting), "ready": list(self.ready)}
+        """Plain state (tensors, ints, lists, dicts: loadable with weights_only=True)."""
+        return {"row": to_plain(self.row), "fill": self.fill, "waiting": [to_plain(d) for d in self.waiting],
+                "ready": [to_plain(r) for r in self.ready]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.row, self.fill = state["row"], state["fill"]
-        self.waiting, self.ready = deque(state["waiting"]), deque(state["ready"])
+        self.row, self.fill = from_plain(Row, state["row"]), int(state["fill"])
+        self.waiting = deque(from_plain(FlatDoc, d) for d in state["waiting"])
+        self.ready = deque(from_plain(Row, r) for r in state["ready"])
+
+
+def to_plain(obj: Row | FlatDoc) -> dict:
+    """A Row or FlatDoc as a dict of tensors; images as [first, latent, max_t] lists."""
+    out = {f.name: torch.from_numpy(np.array(getattr(obj, f.name))) for f in fields(obj)
+           if f.name != "images"}
+    out["images"] = [[int(first), latent, int(max_t)] for first, latent, max_t in obj.images]
+    return out
+
+
+def from_plain(cls: type, state: dict) -> Row | FlatDoc:
+    arrays = {k: v.numpy() for k, v in state.items() if k != "images"}
+    return cls(**arrays, images=[(int(first), latent, int(max_t)) for first, latent, max_t in state["images"]])
 
 
 def collate(rows: list[Row], latent_shape: tuple[int, int, int]) -> PackedBatch:

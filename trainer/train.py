@@ -28,12 +28,13 @@ from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.grad_clip import clip_grad_norm
 from parallel.parallelize import ParallelModel, parallelize
 
-from .checkpoint import Checkpointer, data_parallel_states, load_checkpoint, resolve_resume
+from .checkpoint import Checkpointer, UnsafeToSave, data_parallel_states, resume_checkpoint
 from .config import Config, load_config
 from .data import build_loader
 from .metrics import MetricsLogger, window_summary
 from .optim import build_optimizer_for, build_scheduler
 from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
+from .redact import redact
 
 log = logging.getLogger("trainer")
 
@@ -247,7 +248,8 @@ class Trainer:
         return totals
 
     def train_state(self, **extra: object) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(), **extra}
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": redact(self.cfg.to_dict()),
+                **extra}
 
     def load_train_state(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -275,12 +277,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
     out, ck = cfg.output_dir, cfg.checkpoint
     checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
-    wandb_id, tokens_seen = None, 0
-    resume_from = resolve_resume(ck.resume, out / "checkpoints")
-    if resume_from is not None:
-        state, rank_state = load_checkpoint(
-            resume_from, trainer.pm.parts, trainer.optimizer, cfg.to_dict(), trainer.engine
-        )
+    wandb_id, tokens_seen, resume_from = None, 0, None
+    resumed = resume_checkpoint(ck.resume, out / "checkpoints", trainer.pm.parts, trainer.optimizer,
+                                redact(cfg.to_dict()), trainer.engine)
+    if resumed is not None:
+        resume_from, state, rank_state = resumed
         trainer.load_train_state(state)
         wandb_id = state.get("wandb_id")
         tokens_seen = int(state.get("tokens_seen", 0))
@@ -294,7 +295,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
                     print(f"data-parallel ranks {len(old)} -> {env.dims.dp}: the data continues ({report})")
             except NotImplementedError as e:
                 log.warning("data-parallel size changed since %s: the data order restarts (%s)", resume_from, e)
-    logger = MetricsLogger(cfg.logging, out, cfg.to_dict(), enabled=env.is_main, resume_id=wandb_id)
+    logger = MetricsLogger(cfg.logging, out, redact(cfg.to_dict()), enabled=env.is_main, resume_id=wandb_id)
     if env.is_main:
         n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
         start = f"resuming at step {trainer.step} from {resume_from}" if resume_from else "starting"
@@ -305,11 +306,15 @@ def train(cfg: Config) -> list[dict[str, float]]:
     bad_steps, exit_code, logged = 0, 0, 0  # logged: history rows already summarised in a log line
 
     def save() -> Path:
-        return checkpointer.save(
-            trainer.step, trainer.pm.parts, trainer.optimizer,
-            trainer.train_state(wandb_id=logger.run_id, tokens_seen=tokens_seen),
-            {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)}, trainer.engine,
-        )
+        try:
+            return checkpointer.save(
+                trainer.step, trainer.pm.parts, trainer.optimizer,
+                trainer.train_state(wandb_id=logger.run_id, tokens_seen=tokens_seen, bad_steps=bad_steps),
+                {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)}, trainer.engine,
+            )
+        except UnsafeToSave as e:
+            prefix = f"{bad_steps} consecutive non-finite steps at step {trainer.step}; " if bad_steps else ""
+            raise TrainingDiverged(f"{prefix}{e}; the last good checkpoint is {last_ckpt or resume_from}") from None
 
     try:
         while trainer.step < cfg.train.steps:
@@ -322,9 +327,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 logger.event(f"step {step + 1}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
                              f"update skipped ({bad_steps} in a row)")
                 if bad_steps >= ck.max_bad_steps:
-                    last_ckpt = save() if ck.enabled else None
+                    saved = f"saved {save()}" if ck.enabled else "checkpoints are disabled"
                     raise TrainingDiverged(
-                        f"{bad_steps} consecutive non-finite steps at step {step}; saved {last_ckpt}. "
+                        f"{bad_steps} consecutive non-finite steps at step {step}; {saved}. "
                         "Lower optim.lr, check the data, or resume from an earlier checkpoint."
                     )
                 continue
@@ -368,6 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config under configs/")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-3")
+    parser.add_argument("--check", action="store_true", help="only load and validate the config, the parallel "
+                        "layout for --world-size processes and the device (slurm/ runs this once before launching); "
+                        "exit 0, or 2 with one 'config error:' line")
+    parser.add_argument("--world-size", type=int, default=None, help="with --check: trainer processes "
+                        "(default: $WORLD_SIZE, else 1)")
     return parser.parse_args(argv)
 
 
@@ -376,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.check:  # pre-flight: no model, no process group
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            cfg.parallel.resolved(world)
+            resolve_device(cfg.train.device)
+            print(f"config ok: {args.config} for {world} process(es)")
+            return 0
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
