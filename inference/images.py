@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms import v2 as T
 from torchvision.utils import make_grid, save_image
 
 from model.config import ModelConfig
+from model.image_prep import BadImage, load_image
 
 
 class VAEError(ValueError):
@@ -47,17 +47,29 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return ((vae.decode(x).sample.float() + 1) / 2).clamp(0, 1).cpu()
 
 
+class ImageFileError(ValueError):
+    """A prompt image file that cannot be read or decoded."""
+
+
+def preprocess_image_file(path: str | Path, resolution: int) -> torch.Tensor:
+    """An image file -> [3, R, R] in [-1, 1], exactly as data preparation preprocesses training images
+    (`model.image_prep.load_image`: EXIF orientation, alpha on white, bicubic short-side resize,
+    center crop); any size is accepted."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageFileError(f"cannot read image '{path}': {e.strerror or e}") from None
+    try:
+        return load_image(data, resolution)[0]
+    except BadImage as e:
+        raise ImageFileError(f"cannot use image '{path}': {e}") from None
+
+
 @torch.no_grad()
 def encode_image_file(vae: Any, path: str | Path, cfg: ModelConfig) -> torch.Tensor:
-    """An image file -> scaled posterior-mean latent [C, h, w], preprocessed like data_prep
-    (RGB, short side resized to the resolution, center crop, [-1, 1])."""
-    from PIL import Image
-
-    size = vae_resolution(vae, cfg)
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    prep = T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
-    x = prep(rgb)[None] * 2 - 1  # [1, 3, R, R]
+    """An image file -> scaled posterior-mean latent [C, h, w], as data_prep.encode_latents stores it:
+    (mean - shift_factor) * scaling_factor of the preprocessed image."""
+    x = preprocess_image_file(path, vae_resolution(vae, cfg))[None]  # [1, 3, R, R]
     mean = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
     if vae.config.shift_factor is not None:
         mean = mean - vae.config.shift_factor

@@ -83,12 +83,19 @@ def span_block_mask(kv_lo: torch.Tensor, kv_hi: torch.Tensor, num_keys: int | No
 
 
 def _flex_fn(compile: bool) -> Callable:
+    """flex_attention, eager or compiled with static shapes.
+
+    Static shapes (`dynamic=False`): a call with a new (batch, length, ...) compiles a kernel for it.
+    With torch's default, the second shape triggers a dynamic-shape recompile, and on CPU inductor
+    then writes C++ that does not compile (torch 2.14.1). Training shapes are fixed, so this costs
+    one compile per shape; past dynamo's recompile limit, torch runs flex eagerly (correct, slower).
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     if not compile:
         return flex_attention
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(flex_attention)
+        _compiled["fn"] = torch.compile(flex_attention, dynamic=False)
     return _compiled["fn"]
 
 

@@ -72,6 +72,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         "logging.wandb=disabled", f"train.output_dir={out}", "model.max_seq_len=64", "train.seq_len=64",
+        "data.source=synthetic",
     ])
     torch.manual_seed(0)
     model = TransfusionModel(cfg.model)

@@ -90,13 +90,24 @@ def test_forward_bf16():
     assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
-def test_compiled_forward_matches_reference():
-    """The default path (torch.compile'd flex); ~15 s of compilation on a cold inductor cache."""
-    S = 160
-    lo, hi = packing(S, seed=2, kinds=["short_docs", "image_first"])
-    q, k, v = qkv(2, S, 2, 1, 16, seed=2)
-    out = flex.flex_span_attention(q, k, v, lo, hi, compile=True)
-    torch.testing.assert_close(out, sdpa_span_attention(q, k, v, lo, hi), atol=1e-5, rtol=1e-5)
+# (batch, length) pairs that change both at every call; shared with test_kernels_dispatch.
+SHAPE_CHANGES = [(2, 160), (3, 200), (1, 300)]
+
+
+def test_compiled_forward_survives_shape_changes():
+    """The default path (torch.compile'd flex) on CPU: three (batch, length) shapes in a row, each
+    vs the reference; ~10 s of compilation per shape on a cold inductor cache.
+
+    From a fresh dynamo state: with torch's default dynamic-shape recompile the second shape made
+    inductor write C++ that does not compile (torch 2.14.1)."""
+    torch._dynamo.reset()
+    flex._compiled.clear()
+    for B, S in SHAPE_CHANGES:
+        lo, hi = packing(S, seed=S, kinds=(["short_docs", "image_first", "text_only"] * B)[:B])
+        q, k, v = qkv(B, S, 2, 1, 16, seed=S)
+        out = flex.flex_span_attention(q, k, v, lo, hi, compile=True)
+        assert out.shape == (B, S, 2, 16)
+        torch.testing.assert_close(out, sdpa_span_attention(q, k, v, lo, hi), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("S", [256, 333])

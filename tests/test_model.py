@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 @pytest.mark.parametrize("codec, expected", [("linear", 7.0e9), ("unet", 7.0e9 + 0.27e9)])
 def test_7b_parameter_count_on_meta_device(codec, expected):
-    cfg = load_config(REPO / "configs" / "7b.yaml", [f"model.patch_codec={codec}"]).model
+    cfg = load_config(REPO / "configs" / "7b.yaml", [f"model.patch_codec={codec}", "data.source=synthetic"]).model
     with torch.device("meta"):
         model = TransfusionModel(cfg)
     assert all(p.is_meta for p in model.parameters())  # nothing allocated

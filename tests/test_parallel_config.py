@@ -36,13 +36,13 @@ def one_line(error: BaseException) -> str:
 
 def test_world_size_differs_from_layout():
     """2 processes for a layout of 4: trainer.train resolves the dims against WORLD_SIZE first."""
-    cfg = load_config(TINY, ["parallel.dp_shard=4"])
+    cfg = load_config(TINY, ["parallel.dp_shard=4", "data.source=synthetic"])
     with pytest.raises(ConfigError) as e:
         cfg.parallel.resolved(2)
     assert one_line(e.value) == "world size 2 != dp_replicate*dp_shard*tp*pp = 1*4*1*1"
     # dp_shard=-1 fills the world, but only if the other dims divide it.
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, ["parallel.dp_shard=-1", "parallel.dp_replicate=4"]).parallel.resolved(2)
+        load_config(TINY, ["parallel.dp_shard=-1", "parallel.dp_replicate=4", "data.source=synthetic"]).parallel.resolved(2)
     assert one_line(e.value) == "world size 2 is not divisible by dp_replicate*tp*pp=4"
 
 
@@ -85,7 +85,7 @@ def test_deepspeed_refuses_torch_engine_options(override, fragment):
     """Checked when the engine is built (Trainer start-up), before deepspeed is imported."""
     from parallel.deepspeed_engine import _check_layout
 
-    cfg = load_config(TINY, ["parallel.engine=deepspeed", override])
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", override, "data.source=synthetic"])
     with pytest.raises(ConfigError) as e:
         _check_layout(cfg)
     msg = one_line(e.value)
@@ -96,7 +96,8 @@ def test_deepspeed_config_json_must_exist(tmp_path):
     from parallel.deepspeed_engine import build_ds_config
 
     missing = tmp_path / "nope.json"
-    cfg = load_config(TINY, ["parallel.engine=deepspeed", f"parallel.deepspeed.config_json={missing}"])
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", f"parallel.deepspeed.config_json={missing}",
+                              "data.source=synthetic"])
     with pytest.raises(ConfigError) as e:
         build_ds_config(cfg)
     assert one_line(e.value) == f"parallel.deepspeed.config_json '{missing}' does not exist"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -51,12 +52,16 @@ class SyntheticDataConfig:
 
 @dataclass
 class StreamConfig:
-    """One set of MDS shards written by data_prep/."""
+    """One set of MDS shards written by data_prep/, or a Megatron-LM indexed dataset (kind: megatron)."""
 
-    path: str  # local shard folder (with `remote`: the local cache folder)
-    kind: Literal["image", "text"]
+    path: str  # local shard folder (with `remote`: the local cache folder); megatron: the .bin/.idx prefix
+    kind: Literal["image", "text", "megatron"]
     proportion: float = 1.0  # share of sequence positions (tokens) drawn from this stream
-    remote: str | None = None  # object-store URL of the shards, streamed into `path`
+    remote: str | None = None  # object-store URL of the shards, streamed into `path` (not for megatron)
+    # kind: megatron only (trainer/megatron_corpus.py):
+    tokenizer: str | None = None  # what the corpus was tokenized with; recorded in the checkpoint's config
+    add_bos: bool = True  # prepend BOS to each document
+    add_eos: bool = False  # append EOS: for corpora made without preprocess_data.py --append-eod
 
 
 @dataclass
@@ -180,6 +185,11 @@ class Config:
             require(bool(d.streams), "data.source=streaming needs at least one entry in data.streams")
             for i, st in enumerate(d.streams):
                 require(st.proportion > 0, f"data.streams[{i}].proportion must be positive, got {st.proportion}")
+                if st.kind == "megatron":
+                    require(bool(st.tokenizer), f"data.streams[{i}].tokenizer: name what the Megatron corpus "
+                            f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
+                    require(st.remote is None, f"data.streams[{i}]: Megatron corpora are read in place, not "
+                            "streamed (remote); convert it with `python -m data_prep.megatron_convert to-mds`")
             require(
                 d.max_caption_tokens + m.patches_per_image + 4 <= t.seq_len,
                 f"an image document (data.max_caption_tokens={d.max_caption_tokens} + "
@@ -227,6 +237,8 @@ class Config:
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
         require(self.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
         require(self.checkpoint.max_bad_steps >= 1, "checkpoint.max_bad_steps must be >= 1")
+        if d.source == "streaming":  # last: a config with a typo fails on the typo, not on the data
+            check_stream_shards(d)
 
     @property
     def output_dir(self) -> Path:
@@ -236,8 +248,90 @@ class Config:
         return to_dict(self)
 
 
+# How each kind of stream is prepared (named in the error when its shards are missing).
+PREPARE_COMMAND = {
+    "image": "python -m data_prep.encode_latents --input IMAGES --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
+    "text": "python -m data_prep.tokenize_text --input CORPUS --out {out} --tokenizer TOKENIZER.model",
+}
+
+
+def check_stream_shards(data: DataConfig) -> None:
+    """Refuse local streams whose shard index is missing, before a model or GPU is touched.
+
+    Remote streams (`remote:` set) are not checked: that would need the network, and `path` is
+    only their cache folder.
+    """
+    for i, st in enumerate(data.streams):
+        if st.remote is not None:
+            continue
+        if st.kind == "megatron":
+            missing = [f"{st.path}{ext}" for ext in (".bin", ".idx") if not Path(f"{st.path}{ext}").is_file()]
+            if missing:
+                raise ConfigError(f"data.streams[{i}] (Megatron corpus): {' and '.join(missing)} missing; "
+                                  "`path` is the prefix given to Megatron-LM's --data-path")
+            continue
+        root = Path(st.path)
+        index = root / "index.json"
+        if index.is_file():
+            continue
+        if root.is_dir() and any(root.glob("part-*")):
+            hint = f"merge the workers' parts with `python -m data_prep.merge_index {root}`"
+        else:
+            hint = f"prepare it with `{PREPARE_COMMAND[st.kind].format(out=root)}`"
+        raise ConfigError(
+            f"data.streams[{i}] ({st.kind} stream) has no shards: {index.absolute()} does not exist; "
+            f"{hint}, or fix the path"
+        )
+
+
+_ENV_REF = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_env(data: dict[str, Any], label: str) -> dict[str, Any]:
+    """Replace `${VAR}` in every string value with the environment variable's value.
+
+    Where clusters keep data differs per site, so configs say e.g. `path: ${DATA_ROOT}/images`.
+    An unset (or empty) variable is a one-line ConfigError naming `label` (the config file), the
+    key and the variable. `data.streams` is left as written unless data.source is streaming, so
+    `data.source=synthetic` runs without the variables of the shard paths.
+    """
+    section = data.get("data")
+    source = section.get("source", DataConfig.source) if isinstance(section, dict) else DataConfig.source
+
+    def expand(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                sub = f"{key}.{k}" if key else str(k)
+                out[k] = v if sub == "data.streams" and source != "streaming" else expand(v, sub)
+            return out
+        if isinstance(node, list):
+            return [expand(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str):
+            return _ENV_REF.sub(lambda m: _env_value(m.group(1), key, label), node)
+        return node
+
+    return expand(data, "")
+
+
+def _env_value(name: str, key: str, label: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ConfigError(f"{label}: {key} has '${{{name}}}', which is not a ${{NAME}} environment variable reference")
+    value = os.environ.get(name, "")
+    if value:
+        return value
+    state = "is empty" if name in os.environ else "is not set"
+    if key.startswith("data.streams"):
+        hint = f"export {name}=/path/to/shards (see slurm/pretrain_7b.sh)"
+    else:
+        hint = f"export {name}=... or override {key}=..."
+    raise ConfigError(f"{label}: {key} uses ${{{name}}}, which {state}; {hint}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, build and validate it."""
+    """Read a YAML config (or the defaults), apply overrides, expand `${VAR}`s, build and validate it
+    (including that the data it names exists)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -249,6 +343,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections")
-    cfg = from_dict(Config, apply_overrides(data, list(overrides or [])))
+    data = apply_overrides(data, list(overrides or []))
+    data = expand_env(data, str(path) if path is not None else "overrides")
+    cfg = from_dict(Config, data)
     cfg.validate()
     return cfg

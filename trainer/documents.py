@@ -1,8 +1,9 @@
 """Documents: the unit the data layer hands to the packer, and how training examples become them.
 
 A document is a list of segments, text ids or one image's latent. `DocumentBuilder` applies the
-recipe of DESIGN.md §3: caption first (80%) or image first (20%), caption dropout for
-classifier-free guidance, and noise limited to t < 500 when the image precedes its caption.
+paper's recipe: caption first (80%) or image first (20%), noise limited to t < 500 when the
+image precedes its caption, and caption dropout for classifier-free guidance (10% of all pairs
+become an image alone, whatever the order drawn).
 """
 
 from __future__ import annotations
@@ -64,15 +65,23 @@ class DocumentBuilder:
         return Document([ids])
 
     def image_caption(self, caption_ids: np.ndarray, latent: torch.Tensor, rng: np.random.Generator) -> Document:
+        """An image-caption pair -> caption-first, image-first, or (caption dropped) image-only document.
+
+        The order and the dropout are drawn independently, so `caption_dropout` of all pairs lose
+        their caption whichever order was drawn. Without a caption the order means nothing: a dropped
+        pair is always `BOS, image, EOS` with the full noise range, the unconditional example that
+        classifier-free guidance needs (inference's unconditional prompt is BOS, BOI, ...).
+        """
         caption = np.asarray(caption_ids, dtype=np.int64)
         bos = np.array([self.tokens.bos], dtype=np.int64)
         eos = np.array([self.tokens.eos], dtype=np.int64)
         r = self.recipe
-        if rng.random() < r.image_first_prob:
+        image_first = rng.random() < r.image_first_prob
+        dropped = rng.random() < r.caption_dropout
+        if dropped:
+            return Document([bos, ImageSegment(latent, max_t=r.num_timesteps), eos])
+        if image_first:
             # Image -> caption: limited noise so the model can read the image it captions.
             image = ImageSegment(latent, max_t=min(r.image_first_max_t, r.num_timesteps))
             return Document([bos, image, np.concatenate([caption, eos])])
-        if rng.random() < r.caption_dropout:
-            caption = caption[:0]  # unconditional example for classifier-free guidance
-        image = ImageSegment(latent, max_t=r.num_timesteps)
-        return Document([np.concatenate([bos, caption]), image, eos])
+        return Document([np.concatenate([bos, caption]), ImageSegment(latent, max_t=r.num_timesteps), eos])
