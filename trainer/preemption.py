@@ -1,13 +1,16 @@
 """Preemption and divergence: signal-driven save-and-exit, and the exceptions the loop raises.
 
 SLURM sends SIGUSR1 (`--signal=USR1@T`) before the time limit and SIGTERM on preemption. The
-handler only records the signal; the loop finishes its step, saves, and exits with
-REQUEUE_EXIT_CODE, which slurm/pretrain_7b.sh turns into `scontrol requeue`. Ranks agree on the
-decision with one all-reduce per step, since a signal may reach only some of them.
+handler only records the signal; the loop finishes its step, saves, writes the REQUEUE marker
+(<output_dir>/REQUEUE, which slurm/pretrain_7b.sh turns into `scontrol requeue`) and exits with
+`process_exit_code()`. Ranks agree on the decision with one all-reduce per step, since a signal
+may reach only some of them. The handler replaces whatever disposition the process inherited,
+SIG_IGN included (slurm/launch_node.sh starts torchrun with USR1 ignored).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
@@ -17,12 +20,21 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 42
 
 
+def process_exit_code(exit_code: int = REQUEUE_EXIT_CODE) -> int:
+    """The exit code of a trainer that saved for a requeue: 0 under torchrun, else `exit_code`.
+
+    torchrun's agent takes any other code for a crash: it stops the other ranks while they may still
+    be finishing their exit and prints a failure traceback. The REQUEUE marker carries the decision.
+    """
+    return 0 if "TORCHELASTIC_RUN_ID" in os.environ else exit_code
+
+
 class Preempted(Exception):
-    """Raised after the checkpoint is written; carries the process exit code."""
+    """Raised after the checkpoint is written; carries the process exit code (see process_exit_code)."""
 
     def __init__(self, exit_code: int = REQUEUE_EXIT_CODE) -> None:
-        super().__init__(f"preempted (exit {exit_code})")
-        self.exit_code = exit_code
+        self.exit_code = process_exit_code(exit_code)
+        super().__init__(f"preempted (exit {self.exit_code})")
 
 
 class TrainingDiverged(RuntimeError):
