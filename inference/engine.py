@@ -68,11 +68,12 @@ class RowState:
         return row
 
 
-def row_spans(row: RowState, P: int) -> np.ndarray:
-    """Exclusive span ends [L] relative to the row start: i + 1, or the end of i's image."""
+def row_spans(row: RowState, P: int, image_attention: str = "bidirectional") -> np.ndarray:
+    """Exclusive span ends [L] relative to the row start: i + 1, or (bidirectional) the end of i's image."""
     hi = np.arange(1, len(row) + 1, dtype=np.int64)
-    for img in row.images:
-        hi[img.start:img.start + P] = img.start + P
+    if image_attention == "bidirectional":
+        for img in row.images:
+            hi[img.start:img.start + P] = img.start + P
     return hi
 
 
@@ -106,7 +107,7 @@ def build_layout(rows: list[RowState], width: int, fed: int, cfg: ModelConfig, d
         sl = slice(off, width)
         tokens[r, sl], is_image[r, sl] = row.tokens, row.is_image
         pos[r, sl] = np.arange(len(row))
-        lo[r, sl], hi[r, sl] = off, row_spans(row, P) + off
+        lo[r, sl], hi[r, sl] = off, row_spans(row, P, cfg.image_attention) + off
         for img in row.images:
             c = img.start + off
             if c >= first:

@@ -1,4 +1,4 @@
-"""Model and diffusion configs of the Transfusion network (DESIGN.md §3)."""
+"""Model and diffusion configs of the Transfusion network (docs/architecture.md §3)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class ModelConfig:
     latent_size: int = 32
     patch_size: int = 2
     patch_codec: Literal["linear", "unet"] = "linear"
+    # Attention among one image's patches: every patch sees the whole image (the paper), or only
+    # the patches before it, like text (the paper's Table 5 ablation). Only the spans change.
+    image_attention: Literal["bidirectional", "causal"] = "bidirectional"
     # U-Net codec: channels per resolution level, from the finest; the codec downsamples by 2
     # between levels, so the patch side equals 2 ** (len(unet_channels) - 1).
     unet_channels: list[int] = field(default_factory=lambda: [512, 1024])

@@ -13,7 +13,7 @@ from .packing import SequencePacker, collate
 
 
 class DocumentSource(Protocol):
-    """What the loader needs from a source of documents (synthetic now, streaming shards next)."""
+    """What the loader needs from a source of documents (trainer/synthetic.py, trainer/streaming.py)."""
 
     def __iter__(self) -> Iterator[Document]: ...
     def __next__(self) -> Document: ...
@@ -78,5 +78,6 @@ def build_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PackedLoade
         from .streaming import StreamingSource
 
         source = StreamingSource(cfg, builder, rank, world_size)
-    packer = SequencePacker(cfg.train.seq_len, cfg.model.patches_per_image, cfg.model.tokens, cfg.data.max_waiting_images)
+    packer = SequencePacker(cfg.train.seq_len, cfg.model.patches_per_image, cfg.model.tokens,
+                            cfg.data.max_waiting_images, cfg.model.image_attention)
     return PackedLoader(source, packer, cfg.train.batch_size, cfg.model)

@@ -42,8 +42,10 @@ class FlatDoc:
         return head, tail
 
 
-def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialTokens) -> FlatDoc:
-    """Lay a document out as positions: text ids, and BOI + patches + EOI per image."""
+def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialTokens,
+                     image_attention: str = "bidirectional") -> FlatDoc:
+    """Lay a document out as positions: text ids, and BOI + patches + EOI per image. A patch's
+    span ends at its image's end (bidirectional) or at itself (causal)."""
     P = patches_per_image
     toks, img, hi, images = [], [], [], []
     pos = 0
@@ -52,7 +54,8 @@ def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialToken
             toks.append(np.array([tokens.boi] + [tokens.pad] * P + [tokens.eoi], dtype=np.int64))
             img.append(np.array([False] + [True] * P + [False]))
             end = pos + 1 + P
-            hi.append(np.array([pos + 1] + [end] * P + [end + 1], dtype=np.int64))
+            patch_hi = [end] * P if image_attention == "bidirectional" else list(range(pos + 2, end + 1))
+            hi.append(np.array([pos + 1] + patch_hi + [end + 1], dtype=np.int64))
             images.append((pos + 1, seg.latent, seg.max_t))
             pos += P + 2
         else:
@@ -107,15 +110,17 @@ class Row:
 class SequencePacker:
     """Streaming packer: `add` documents, collect finished rows; state is saved for exact resume."""
 
-    def __init__(self, seq_len: int, patches_per_image: int, tokens: SpecialTokens, max_waiting: int = 4) -> None:
+    def __init__(self, seq_len: int, patches_per_image: int, tokens: SpecialTokens, max_waiting: int = 4,
+                 image_attention: str = "bidirectional") -> None:
         self.seq_len, self.P, self.tokens, self.max_waiting = seq_len, patches_per_image, tokens, max_waiting
+        self.image_attention = image_attention
         self.row = Row.empty(seq_len, tokens.pad)
         self.fill = 0
         self.waiting: deque[FlatDoc] = deque()  # image documents that open the next row
         self.ready: deque[Row] = deque()
 
     def add(self, doc: Document) -> None:
-        flat = flatten_document(doc, self.P, self.tokens)
+        flat = flatten_document(doc, self.P, self.tokens, self.image_attention)
         if len(flat) == 0:
             return
         if flat.images:
