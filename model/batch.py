@@ -1,6 +1,6 @@
 """The packed batch: the contract between data loading, the model, the kernels and parallelism.
 
-One row is a fixed-length sequence of documents packed back to back (DESIGN.md §2). Attention is
+One row is a fixed-length sequence of documents packed back to back (docs/architecture.md §2). Attention is
 given per query as one contiguous key span [kv_lo, kv_hi); nothing else about documents or images
 reaches the attention kernels.
 """
@@ -50,7 +50,7 @@ class PackedBatch:
         )
 
     def num_text_tokens(self) -> int:
-        """Number of positions with an LM target (what `tokens/s` counts for text)."""
+        """Number of positions with an LM target (the denominator of the step's LM loss)."""
         return int((self.text_targets != IGNORE_INDEX).sum())
 
     def check(self) -> None:

@@ -1,1 +1,1 @@
-"""Parallelism applied from outside the model: one DeviceMesh (pp, dp_replicate, dp_shard, tp), TP/SP, PP, FSDP2."""
+"""Parallelism applied from outside the model: one DeviceMesh (dp_replicate, dp_shard, pp, tp), TP/SP, PP, FSDP2."""
