@@ -1,11 +1,17 @@
-"""Small CLI helpers shared by the data_prep tools: YAML defaults, logging, list arguments."""
+"""Small CLI helpers shared by the data_prep tools: YAML defaults, logging, list arguments, errors.
+
+Every tool runs as `python -m data_prep.<tool>`, as `python data_prep/<tool>.py` (each tool starts
+with a few lines that make the file importable as part of the package when run that way) and as
+the console script `transfusion-<tool>` (pyproject.toml).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -56,3 +62,17 @@ def setup_logging() -> None:
 def local_abspath(path: str) -> str:
     """Absolute path for local paths (so a rerun from another cwd matches); URLs unchanged."""
     return path if "://" in path else os.path.abspath(path)
+
+
+def run_tool(main: Callable[[Sequence[str] | None], Any], name: str) -> None:
+    """Run a tool's `main` as a command: a failure a user must fix is one line on stderr, exit 1.
+
+    Set DATA_PREP_TRACEBACK=1 to see the traceback instead.
+    """
+    try:
+        main(None)
+    except (OSError, ValueError, RuntimeError) as e:
+        if os.environ.get("DATA_PREP_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        sys.exit(f"{name}: error: {message}")

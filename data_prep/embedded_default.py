@@ -13,6 +13,13 @@ Reruns reuse the tokenizer and VAE and resume the shards; `--force` starts from 
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (`python data_prep/embedded_default.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
+
 import argparse
 import importlib.util
 import json
@@ -26,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from . import encode_latents, tokenize_text, train_tokenizer, train_vae
-from .cli import setup_logging
+from .cli import run_tool, setup_logging
 
 log = logging.getLogger("data_prep.embedded_default")
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -172,5 +179,10 @@ embedded default dataset ready in {s['seconds']['total']:.0f}s under {args.out}/
     return s
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-embedded-default`): errors a user must fix print as one line."""
+    run_tool(main, "embedded_default")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -11,8 +11,14 @@ VAE's scaling (and shift) factors; see `data_prep.schema` for the columns. Capti
 without BOS/EOS. Batches are always padded to `--batch-size`, which makes every latent independent
 of which other images share its batch: 1 worker, N workers and resumed runs give identical bits.
 
-Bad inputs (unreadable, corrupt or truncated images, images smaller than `--min-size`, missing or
-empty captions, malformed manifest lines) are skipped and counted per reason in the report.
+Bad inputs are skipped and counted per reason in the report, with up to 5 examples per reason and
+chunk (keys with 1-based `file:line`/`file:row` locations): unreadable, corrupt or truncated
+images, images smaller than `--min-size`, missing, empty or over-long (> 131,072 characters)
+captions, captions that are not valid UTF-8 (`bad_utf8`) or cannot be tokenized, malformed
+manifest lines or tar `.json` members (`bad_json`), and damaged containers: a tar cut short
+(`truncated_tar`, named by file, after the samples before the damage), a parquet file without its
+footer (`truncated_parquet`) or with an unreadable row group (`corrupt_parquet`, per row).
+A key seen again in a worker's input is written as `key#1`, `key#2`, ... (see data_prep.readers).
 
     python -m data_prep.encode_latents --input data/manifest.jsonl --out shards/img \\
         --vae vae/ --tokenizer tok/tokenizer.model --resolution 256 [--rank R --world-size W]
@@ -21,6 +27,13 @@ With several workers, run `python -m data_prep.merge_index OUT` afterwards (one 
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (`python data_prep/encode_latents.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
 
 import argparse
 import logging
@@ -33,13 +46,14 @@ import numpy as np
 import torch
 
 from . import images, readers
-from .cli import local_abspath, parse_with_config, setup_logging
+from .cli import local_abspath, parse_with_config, run_tool, setup_logging
 from .schema import image_columns, latents_to_storage, storage_to_tensor
 from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.encode_latents")
 NONFINITE = "nonfinite_latent"
+TOKENIZE_ERROR = "tokenize_error"
 
 
 class LatentEncoder:
@@ -95,6 +109,8 @@ class LatentEncoder:
 @dataclass
 class _Good:
     key: str
+    label: str  # key + location, for the report
+    renamed: bool
     caption: str
     ids: list[int]
     pixels: torch.Tensor  # [3, R, R]
@@ -131,18 +147,21 @@ class ChunkEncoder:
         self.inflight = max(2 * encoder.batch_size, 4 * max(decode_workers, 1))
 
     def _decode(self, item: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
-        return images.load_image(item[3], self.resolution, self.min_size)
+        return images.load_image(item[3], self.resolution, self.min_size)  # item: (record, caption, ids, bytes)
 
     def __call__(self, records: Iterator[readers.ImageRecord], writer: Any, stats: Stats,
                  tick: Callable[[int], None]) -> None:
         def checked() -> Iterator[tuple]:
             for rec in records:
-                reason = rec.error
+                reason = rec.error or readers.caption_problem(rec.caption)
                 caption = (rec.caption or "").strip()
-                if reason is None and rec.caption is None:
-                    reason = readers.MISSING_CAPTION
-                elif reason is None and not caption:
-                    reason = readers.EMPTY_CAPTION
+                ids: list[int] = []
+                if reason is None:
+                    try:
+                        ids = self.tokenizer.encode(caption)
+                    except Exception as e:  # noqa: BLE001 - one caption sentencepiece rejects must not stop the job
+                        reason = TOKENIZE_ERROR
+                        log.warning("%s: caption not tokenizable (%s: %s)", rec.label(), type(e).__name__, e)
                 data = None
                 if reason is None:
                     try:
@@ -151,25 +170,25 @@ class ChunkEncoder:
                         reason = images.UNREADABLE
                         log.debug("%s unreadable: %s", rec.key, e)
                 if reason is not None:
-                    stats.skip(reason, rec.key)
+                    stats.skip(reason, rec.label())
                     tick(1)
                     continue
-                yield rec.key, caption, self.tokenizer.encode(caption), data
+                yield rec, caption, ids, data
 
         batch: list[_Good] = []
-        for (key, caption, ids, _), fut in _ordered_map(self._decode, checked(), self.pool, self.inflight):
+        for (rec, caption, ids, _), fut in _ordered_map(self._decode, checked(), self.pool, self.inflight):
             try:
                 pixels, orig = fut.result()
             except images.BadImage as e:
-                stats.skip(e.reason, key)
+                stats.skip(e.reason, rec.label())
                 tick(1)
                 continue
             except Exception as e:  # noqa: BLE001 - an image that breaks preprocessing must not stop the job
-                log.warning("%s: unexpected %s while preprocessing: %s", key, type(e).__name__, e)
-                stats.skip(images.CORRUPT, key)
+                log.warning("%s: unexpected %s while preprocessing: %s", rec.label(), type(e).__name__, e)
+                stats.skip(images.CORRUPT, rec.label())
                 tick(1)
                 continue
-            batch.append(_Good(key, caption, ids, pixels, orig))
+            batch.append(_Good(rec.key, rec.label(), rec.renamed, caption, ids, pixels, orig))
             if len(batch) == self.encoder.batch_size:
                 self._flush(batch, writer, stats, tick)
                 batch = []
@@ -184,12 +203,13 @@ class ChunkEncoder:
                   & storage_to_tensor(std_s).isfinite().flatten(1).all(1))
         for i, g in enumerate(batch):
             if not finite[i]:  # e.g. fp16 overflow of a degenerate image
-                stats.skip(NONFINITE, g.key)
+                stats.skip(NONFINITE, g.label)
                 continue
             writer.write({"key": g.key, "caption": g.caption, "caption_ids": np.asarray(g.ids, dtype=np.int32),
                           "latent_mean": mean_s[i], "latent_std": std_s[i],
                           "orig_size": np.asarray(g.orig, dtype=np.int32)})
             stats.written += 1
+            stats.renamed += g.renamed
         tick(len(batch))
 
 
@@ -257,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tokenizer": local_abspath(args.tokenizer), "special_tokens": tokenizer.special_tokens(),
         "vocab_size": tokenizer.vocab_size, "caption_ids": "no BOS/EOS",
     }
+    if isinstance(source, readers.ParquetSource) and not args.key_column:
+        settings["key_positions"] = "1-based"  # file:row keys; an output with older 0-based keys is not resumed
     log.info("worker %d/%d: %d of %d input units; latents %s %s; VAE on %s", rank, world, len(units),
              len(all_units), latent_shape, args.latent_dtype, encoder.device)
     job = ShardJob(args.out, rank, world, args.chunk_size, image_columns(latent_shape, args.latent_dtype),
@@ -264,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    overwrite=args.overwrite, throttle=args.throttle)
     process = ChunkEncoder(encoder, tokenizer, args.resolution, min_size, args.latent_dtype, args.decode_workers)
     try:
-        report = job.run(source.records(units), process, total=source.count(units), unit="img")
+        report = job.run(source.stream(units), process, total=source.count(units), unit="img")
     finally:
         if process.pool is not None:
             process.pool.shutdown(cancel_futures=True)
@@ -273,5 +295,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-encode-latents`): errors a user must fix print as one line."""
+    run_tool(main, "encode_latents")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

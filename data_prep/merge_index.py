@@ -2,18 +2,27 @@
 
 Writes `OUT/index.json` (via streaming's `merge_index`, shard paths relative to OUT), the summed
 skip report `OUT/report.json`, and `OUT/dataset_info.json` (the job settings + sample count).
-Refuses missing or unfinished parts unless `--allow-partial`.
+Refuses missing or unfinished parts unless `--allow-partial`, and any chunk whose index holds a
+column or encoding outside `data_prep.schema` (e.g. a `pkl` column), naming it, before reading it.
 
     python -m data_prep.merge_index OUT [--allow-partial]
 """
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (`python data_prep/merge_index.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
+
 import argparse
 import json
 import logging
 from typing import Sequence
 
+from .cli import run_tool
 from .sharding import merge_parts
 
 
@@ -26,10 +35,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = merge_parts(args.out, args.allow_partial)
-    summary = {k: report[k] for k in ("parts", "complete", "records", "written", "skipped_total", "skipped")}
+    summary = {k: report[k] for k in ("parts", "complete", "records", "written", "skipped_total", "skipped",
+                                      "renamed_duplicate_keys")}
     print(json.dumps(summary, indent=2))
     return report
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-merge-index`): errors a user must fix print as one line."""
+    run_tool(main, "merge_index")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

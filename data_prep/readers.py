@@ -1,37 +1,58 @@
-"""Input readers: image-caption records and text documents from local or fsspec paths.
+"""Input readers for image-caption records (text documents: `data_prep.text_readers`), local or fsspec.
 
 A reader lists cheap, deterministic *units* (manifest lines, tar files, parquet row groups, text
 files); workers partition the unit list, then stream records from their units in order. Paths go
 through fsspec, so `s3://`/`gs://` inputs work where the matching fsspec backend is installed.
 
-Records carry a reason string instead of raising when the input itself is malformed (bad manifest
-line, undecodable text) so that the job counts and skips it.
+Nothing is dropped silently and no single input stops the job: a malformed record (bad manifest
+line, caption or text that is not valid UTF-8, malformed JSON) becomes a record carrying a reason
+that the job counts and skips, and a damaged container (a tar cut short, a parquet file without
+its footer, an unreadable row group) becomes a record named after the file (or one per lost row),
+after the records read before the damage. Locations (`file:N`) are 1-based line numbers for
+JSONL/CSV/text files and 1-based row numbers for Parquet; keys made from positions use the same
+numbers.
+
+Duplicate keys, one rule for every format: within one worker's stream of records, in input order,
+the first record with a key keeps it and the n-th repeat becomes `key#n` (see `unique_keys`).
+Manifests are listed whole at start-up, so their numbering runs over all manifest lines and never
+depends on the number of workers; tar keys can only repeat inside one tar (a unit is never split);
+parquet keys from `--key-column` are numbered within each worker's partition.
 """
 
 from __future__ import annotations
 
 import abc
-
 import csv
 import io
 import json
+import logging
 import posixpath
 import tarfile
+import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("data_prep.readers")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+# Longer captions are skipped in every format (the limit equals the csv module's default field limit).
+MAX_CAPTION_CHARS = 131_072
 # Record-level skip reasons.
 BAD_MANIFEST_LINE = "bad_manifest_line"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
+CAPTION_TOO_LONG = "caption_too_long"
 MISSING_IMAGE = "missing_image"
 BAD_UTF8 = "bad_utf8"
 BAD_JSON = "bad_json"
-MISSING_TEXT = "missing_text"
-EMPTY_TEXT = "empty_text"
+UNREADABLE = "unreadable"  # the same reason as images.UNREADABLE
+# Damaged containers: counted once per file (named by it), or once per lost parquet row.
+TRUNCATED_TAR = "truncated_tar"
+CORRUPT_TAR = "corrupt_tar"
+TRUNCATED_PARQUET = "truncated_parquet"
+CORRUPT_PARQUET = "corrupt_parquet"
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -89,10 +110,16 @@ class ImageRecord:
     caption: str | None  # None: no caption at all
     read: Callable[[], bytes] | None
     error: str | None = None  # set when the record itself is malformed
+    where: str | None = None  # 1-based location (file:line) when the key does not say it
+    renamed: bool = False  # the key got a `#n` suffix under the duplicate-key rule
+
+    def label(self) -> str:
+        """How reports name this record: the key, plus its location when that differs."""
+        return self.key if not self.where or self.where == self.key else f"{self.key} ({self.where})"
 
 
 class ImageSource(abc.ABC):
-    """Base of image-caption readers: `units()` to partition, `records(units)` to stream."""
+    """Base of image-caption readers: `units()` to partition, `stream(units)` to consume."""
 
     @abc.abstractmethod
     def units(self) -> list:
@@ -100,69 +127,147 @@ class ImageSource(abc.ABC):
 
     @abc.abstractmethod
     def records(self, units: Sequence) -> Iterator[ImageRecord]:
-        """Stream the records of `units`, in order."""
+        """Stream the records of `units`, in order (keys as found in the input)."""
+
+    def stream(self, units: Sequence) -> Iterator[ImageRecord]:
+        """The records of `units` under the duplicate-key rule: what the encoders consume."""
+        return unique_keys(self.records(units))
 
     def count(self, units: Sequence) -> int | None:
         """Number of records in `units` if known without reading them (for the progress bar)."""
         return None
 
 
+class KeyRenamer:
+    """Gives each key seen again a `#n` suffix (n-th repeat), never reusing a key already given."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.repeats: dict[str, int] = {}
+
+    def __call__(self, key: str) -> str:
+        if key not in self.seen:
+            self.seen.add(key)
+            return key
+        n = self.repeats.get(key, 0) + 1
+        while f"{key}#{n}" in self.seen:  # a real key of that form came first
+            n += 1
+        self.repeats[key] = n
+        self.seen.add(f"{key}#{n}")
+        return f"{key}#{n}"
+
+
+def unique_keys(records: Iterable[ImageRecord]) -> Iterator[ImageRecord]:
+    """Apply the duplicate-key rule to a worker's record stream (deterministic: input order only)."""
+    rename = KeyRenamer()
+    for rec in records:
+        key = rename(rec.key)
+        if key != rec.key:
+            rec.key, rec.renamed = key, True
+        yield rec
+
+
+class _ManifestEntry(NamedTuple):
+    key: str
+    fs: Any
+    path: str | None
+    caption: str | None
+    error: str | None
+    where: str
+    renamed: bool
+
+
 class ManifestSource(ImageSource):
     """JSONL or CSV manifests with a path and a caption per line (paths relative to the manifest).
 
-    Keys: the `key_field` if present, else the path; a path listed again (several captions for one
-    image) gets `#1`, `#2`, ... so keys stay unique.
+    Keys: the `key_field` if present, else the path; a key listed again (several captions for one
+    image) gets `#1`, `#2`, ... over all manifests, so keys stay unique whatever the worker count.
     """
 
     def __init__(self, files: list[InputFile], path_field: str = "path", caption_field: str = "caption",
                  key_field: str = "key"):
         self.files, self.path_field, self.caption_field, self.key_field = files, path_field, caption_field, key_field
 
-    def _rows(self, f: InputFile) -> Iterator[tuple[int, dict | None]]:
+    def _rows(self, f: InputFile) -> Iterator[tuple[int, dict | None, str | None]]:
+        """(1-based line, row or None, reason the row is unusable or None) per non-blank line."""
         data = f.fs.cat_file(f.path)
         if f.path.lower().endswith(".csv"):
-            text = data.decode("utf-8-sig", errors="surrogateescape")
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            if self.path_field not in (reader.fieldnames or []):
-                raise ValueError(f"{f.path} has no '{self.path_field}' column (columns: {reader.fieldnames}); "
-                                 f"set --path-field/--caption-field")
-            for i, row in enumerate(reader):
-                ok = all(v is None or isinstance(v, str) and _is_utf8(v) for v in row.values())
-                yield i, dict(row) if ok else None
+            yield from self._csv_rows(f, data)
             return
-        for i, line in enumerate(data.split(b"\n")):
+        for i, line in enumerate(data.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))
-                yield i, row if isinstance(row, dict) else None
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                yield i, None
+            except UnicodeDecodeError:
+                yield i, None, BAD_UTF8
+                continue
+            except json.JSONDecodeError:
+                yield i, None, BAD_MANIFEST_LINE
+                continue
+            yield (i, row, None) if isinstance(row, dict) else (i, None, BAD_MANIFEST_LINE)
 
-    def units(self) -> list[tuple]:
-        entries, seen = [], {}
-        for f in self.files:
-            for line_no, row in self._rows(f):
-                path = row.get(self.path_field) if row else None
-                if not path or not isinstance(path, str):
-                    entries.append((f"{f.name}:{line_no}", None, None, None, BAD_MANIFEST_LINE))
+    def _csv_rows(self, f: InputFile, data: bytes) -> list[tuple[int, dict | None, str | None]]:
+        text = data.decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> lone surrogates, found below
+        limit = csv.field_size_limit()
+        # No field can be longer than the file: parse every row, then judge captions by our own limit.
+        csv.field_size_limit(max(limit, len(text) + 1))
+        rows: list[tuple[int, dict | None, str | None]] = []
+        try:
+            reader = csv.reader(io.StringIO(text, newline=""))
+            header: list[str] | None = None
+            while True:
+                start = reader.line_num + 1
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error:
+                    rows.append((start, None, BAD_MANIFEST_LINE))
                     continue
-                key = str(row.get(self.key_field) or path)
-                n = seen.get(key, 0)
-                seen[key] = n + 1
-                key = key if n == 0 else f"{key}#{n}"  # same image listed with several captions
-                cap = row.get(self.caption_field)
+                if not values:
+                    continue
+                if header is None:
+                    header = values
+                    if self.path_field not in header:
+                        raise ValueError(f"{f.path} has no '{self.path_field}' column (columns: {header}); "
+                                         f"set --path-field/--caption-field")
+                    continue
+                if not all(_is_utf8(v) for v in values):
+                    rows.append((start, None, BAD_UTF8))
+                    continue
+                rows.append((start, dict(zip(header, values)), None))
+        finally:
+            csv.field_size_limit(limit)
+        return rows
+
+    def units(self) -> list[_ManifestEntry]:
+        entries, rename = [], KeyRenamer()
+        for f in self.files:
+            for line, row, reason in self._rows(f):
+                where = f"{f.name}:{line}"
+                path = row.get(self.path_field) if row else None
+                if reason is None and (not path or not isinstance(path, str)):
+                    reason = BAD_MANIFEST_LINE
+                key = None if reason else str(row.get(self.key_field) or path)
+                if reason is None and not (_is_utf8(path) and _is_utf8(key)):
+                    reason = BAD_UTF8
+                if reason:
+                    entries.append(_ManifestEntry(where, None, None, None, reason, where, False))
+                    continue
+                unique = rename(key)  # same image listed with several captions
+                caption, error = caption_text(row.get(self.caption_field))
                 fs, p = f.sibling(path)
-                entries.append((key, fs, p, None if cap is None else str(cap), None))
-        if entries and all(e[4] for e in entries):
+                entries.append(_ManifestEntry(unique, fs, p, caption, error, where, unique != key))
+        if entries and all(e.error == BAD_MANIFEST_LINE for e in entries):
             raise ValueError(f"no manifest line in {[f.path for f in self.files]} has a '{self.path_field}' "
                              f"field; set --path-field/--caption-field")
         return entries
 
-    def records(self, units: Sequence[tuple]) -> Iterator[ImageRecord]:
-        for key, fs, path, caption, error in units:
-            read = (lambda fs=fs, path=path: fs.cat_file(path)) if fs is not None else None
-            yield ImageRecord(key, caption, read, error)
+    def records(self, units: Sequence[_ManifestEntry]) -> Iterator[ImageRecord]:
+        for e in units:
+            read = (lambda fs=e.fs, path=e.path: fs.cat_file(path)) if e.fs is not None else None
+            yield ImageRecord(e.key, e.caption, read, e.error, e.where, e.renamed)
 
     def count(self, units: Sequence) -> int:
         return len(units)
@@ -183,8 +288,13 @@ class FolderSource(ImageSource):
     def records(self, units: Sequence[InputFile]) -> Iterator[ImageRecord]:
         for f in units:
             txt = posixpath.splitext(f.path)[0] + ".txt"
-            caption = _decode_or_none(self.fs.cat_file(txt)) if txt in self.texts else None
-            yield ImageRecord(f.name, caption, lambda f=f: f.fs.cat_file(f.path))
+            caption, error = None, None
+            if txt in self.texts:
+                try:
+                    caption, error = caption_text(self.fs.cat_file(txt))
+                except OSError:
+                    error = UNREADABLE
+            yield ImageRecord(f.name, caption, lambda f=f: f.fs.cat_file(f.path), error)
 
     def count(self, units: Sequence) -> int:
         return len(units)
@@ -195,6 +305,8 @@ class TarSource(ImageSource):
 
     The image is the first member with an image extension; the caption is the `.txt` member, else
     the `caption_field` of the `.json` member. Keys are `<tar name without .tar>/<member key>`.
+    A tar that ends without its end-of-archive block, or whose headers stop parsing, gives its
+    samples up to the damage and then one `truncated_tar`/`corrupt_tar` record named after it.
     """
 
     def __init__(self, files: list[InputFile], caption_field: str = "caption"):
@@ -205,77 +317,121 @@ class TarSource(ImageSource):
 
     def records(self, units: Sequence[InputFile]) -> Iterator[ImageRecord]:
         for f in units:
-            prefix = f.name[: -len(".tar")] if f.name.endswith(".tar") else f.name
-            with f.open() as fh, tarfile.open(fileobj=fh, mode="r:*") as tf:
+            yield from self._tar(f)
+
+    def _tar(self, f: InputFile) -> Iterator[ImageRecord]:
+        prefix = f.name[: -len(".tar")] if f.name.endswith(".tar") else f.name
+        try:
+            fh = f.open()
+        except OSError as e:
+            log.warning("%s: cannot open (%s); counted as %s", f.path, e, UNREADABLE)
+            yield ImageRecord(f.name, None, None, UNREADABLE)
+            return
+        with fh:
+            try:
+                tf = tarfile.open(fileobj=fh, mode="r:*")
+            except _TAR_ERRORS as e:
+                yield self._damaged(f, _tar_reason(e), str(e), None)
+                return
+            with tf:
                 group: list[tarfile.TarInfo] = []
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    if group and _wds_key(m.name) != _wds_key(group[0].name):
-                        yield self._record(tf, prefix, group)
-                        group = []
-                    group.append(m)
-                if group:
-                    yield self._record(tf, prefix, group)
+                damage = None
+                try:
+                    for m in tf:
+                        if not m.isfile():
+                            continue
+                        if group and _wds_key(m.name) != _wds_key(group[0].name):
+                            yield self._record(tf, prefix, group)
+                            group = []
+                        group.append(m)
+                    damage = _tar_end_damage(tf)
+                except _TAR_ERRORS as e:
+                    damage = (_tar_reason(e), str(e))
+                last = None
+                if group:  # the sample the damage may have cut is counted by what it lacks
+                    last = self._record(tf, prefix, group)
+                    yield last
+                if damage:
+                    yield self._damaged(f, *damage, last.key if last else None)
+
+    @staticmethod
+    def _damaged(f: InputFile, reason: str, detail: str, last_key: str | None) -> ImageRecord:
+        where = f"after {last_key}" if last_key else "at its start"
+        log.warning("%s: %s (%s) %s; the rest of the file is lost", f.path, reason, detail, where)
+        return ImageRecord(f.name, None, None, reason, where)
 
     def _record(self, tf: tarfile.TarFile, prefix: str, group: list[tarfile.TarInfo]) -> ImageRecord:
         key = f"{prefix}/{_wds_key(group[0].name)}"
         by_ext = {m.name[len(_wds_key(m.name)):].lower(): m for m in group}
         image = next((m for ext, m in by_ext.items() if ext.endswith(IMAGE_EXTS)), None)
-        caption = None
-        if ".txt" in by_ext:
-            caption = _decode_or_none(tf.extractfile(by_ext[".txt"]).read())
-        elif ".json" in by_ext:
-            try:
-                meta = json.loads(tf.extractfile(by_ext[".json"]).read())
-                caption = meta.get(self.caption_field) if isinstance(meta, dict) else None
-                caption = None if caption is None else str(caption)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                caption = None
+        caption, error = None, None
+        try:
+            if ".txt" in by_ext:
+                caption, error = caption_text(tf.extractfile(by_ext[".txt"]).read())
+            elif ".json" in by_ext:
+                caption, error = self._json_caption(tf.extractfile(by_ext[".json"]).read())
+        except _TAR_ERRORS:  # a caption member cut short; the container damage is reported after
+            error = UNREADABLE
         if image is None:
-            return ImageRecord(key, caption, None, MISSING_IMAGE)
-        return ImageRecord(key, caption, lambda: tf.extractfile(image).read())
+            return ImageRecord(key, caption, None, error or MISSING_IMAGE)
+        return ImageRecord(key, caption, lambda: tf.extractfile(image).read(), error)
+
+    def _json_caption(self, data: bytes) -> tuple[str | None, str | None]:
+        try:
+            meta = json.loads(data)
+        except UnicodeDecodeError:
+            return None, BAD_UTF8
+        except json.JSONDecodeError:
+            return None, BAD_JSON
+        if not isinstance(meta, dict):
+            return None, BAD_JSON
+        return caption_text(meta.get(self.caption_field))
 
 
 class ParquetSource(ImageSource):
-    """Parquet files with image bytes (binary, or a {bytes, path} struct) and a caption column."""
+    """Parquet files with image bytes (binary, or a {bytes, path} struct) and a caption column.
+
+    Keys: the `key_column` if given, else `<file>:<1-based row>`. A file whose metadata cannot be
+    read is one `truncated_parquet`/`corrupt_parquet` record; a row group that cannot be read
+    gives one `corrupt_parquet` record per row it holds.
+    """
 
     def __init__(self, files: list[InputFile], image_column: str = "image", caption_column: str = "caption",
                  key_column: str | None = None):
         self.files, self.image_column, self.caption_column, self.key_column = (
             files, image_column, caption_column, key_column)
 
+    def _columns(self) -> list[str]:
+        return [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
+
     def units(self) -> list[tuple[InputFile, int, int, int]]:
-        out = []
-        for f in self.files:
-            md = _parquet_meta(f, [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else []))
-            offset = 0
-            for rg in range(md.num_row_groups):
-                n = md.row_group(rg).num_rows
-                out.append((f, rg, offset, n))
-                offset += n
-        return out
+        """(file, row group, first row, rows); row group -1 marks a damaged file."""
+        return parquet_units(self.files, self._columns())
 
     def records(self, units: Sequence[tuple]) -> Iterator[ImageRecord]:
-        import pyarrow.parquet as pq
-
-        cols = [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
-        for f, rg, offset, _ in units:
-            with f.open() as fh:
-                table = pq.ParquetFile(fh).read_row_group(rg, columns=cols)
+        for f, rg, offset, n in units:
+            if rg < 0:
+                yield ImageRecord(f.name, None, None, parquet_damage(f))
+                continue
+            try:
+                table = read_row_group(f, rg, self._columns())
+            except (OSError, ValueError) as e:  # pyarrow's errors are OSError/ValueError subclasses
+                log_lost_row_group(f, rg, n, e)
+                for i in range(n):
+                    yield ImageRecord(f"{f.name}:{offset + i + 1}", None, None, CORRUPT_PARQUET)
+                continue
             images = table.column(self.image_column).to_pylist()
-            captions = table.column(self.caption_column).to_pylist()
-            keys = table.column(self.key_column).to_pylist() if self.key_column else [None] * len(images)
+            captions = binary_values(table.column(self.caption_column))
+            keys = binary_values(table.column(self.key_column)) if self.key_column else [None] * len(images)
             for i, (img, cap, key) in enumerate(zip(images, captions, keys)):
-                key = str(key) if key is not None else f"{f.name}:{offset + i}"
+                where = f"{f.name}:{offset + i + 1}"
+                if key is not None:
+                    key = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
                 if isinstance(img, dict):  # Hugging Face `Image` feature: {"bytes", "path"}
                     img = img.get("bytes")
-                if isinstance(cap, bytes):
-                    cap = _decode_or_none(cap)
-                if img is None:
-                    yield ImageRecord(key, cap, None, MISSING_IMAGE)
-                else:
-                    yield ImageRecord(key, cap, lambda b=img: b)
+                caption, error = caption_text(cap)
+                read = None if img is None else (lambda b=img: b)
+                yield ImageRecord(key or where, caption, read, error or (MISSING_IMAGE if img is None else None), where)
 
     def count(self, units: Sequence[tuple]) -> int:
         return sum(u[3] for u in units)
@@ -319,112 +475,35 @@ def _detect(inputs: Sequence[str]) -> str:
                      f"manifest|tar|parquet|folder")
 
 
-# ----------------------------------------------------------------------------- text
+def caption_text(value: Any) -> tuple[str | None, str | None]:
+    """A caption or text as found (str, bytes, None, number) -> (text, None), or (None, `bad_utf8`).
+
+    Text holding lone surrogates (a JSON `\\udce9` escape, undecodable CSV bytes) is not valid
+    UTF-8 either: the tokenizer cannot encode it and a shard could not store it.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, BAD_UTF8
+    text = value if isinstance(value, str) else str(value)
+    return (text, None) if _is_utf8(text) else (None, BAD_UTF8)
 
 
-@dataclass
-class TextRecord:
-    """One text document, or the reason it is unusable."""
-
-    key: str
-    text: str | None
-    error: str | None = None
-
-
-class TextSource:
-    """Text corpora: `.txt` (paragraph or file documents), `.jsonl` (a text field), `.parquet`."""
-
-    def __init__(self, files: list[InputFile], doc_split: str = "paragraph", text_field: str = "text"):
-        if doc_split not in ("paragraph", "file"):
-            raise ValueError(f"doc split must be 'paragraph' or 'file', got {doc_split!r}")
-        self.files, self.doc_split, self.text_field = files, doc_split, text_field
-
-    def units(self) -> list[tuple[InputFile, int]]:
-        """Text files, or (file, row group) for parquet."""
-        out = []
-        for f in self.files:
-            if f.path.endswith(".parquet"):
-                out += [(f, rg) for rg in range(_parquet_meta(f, [self.text_field]).num_row_groups)]
-            else:
-                out.append((f, -1))
-        return out
-
-    def records(self, units: Sequence[tuple[InputFile, int]]) -> Iterator[TextRecord]:
-        for f, rg in units:
-            if rg >= 0:
-                yield from self._parquet(f, rg)
-            elif f.path.endswith((".jsonl", ".json")):
-                yield from self._jsonl(f)
-            else:
-                yield from self._txt(f)
-
-    def _txt(self, f: InputFile) -> Iterator[TextRecord]:
-        data = f.fs.cat_file(f.path)
-        if self.doc_split == "file":
-            text = _decode_or_none(data)
-            yield _text_record(f.name, text, BAD_UTF8 if text is None else None)
-            return
-        para: list[str] = []
-        bad, n = False, 0
-        for line in data.split(b"\n") + [b""]:
-            if line.strip():
-                s = _decode_or_none(line.rstrip(b"\r"))
-                bad |= s is None
-                para.append(s or "")
-                continue
-            if para:
-                yield _text_record(f"{f.name}:{n}", "\n".join(para), BAD_UTF8 if bad else None)
-                para, bad, n = [], False, n + 1
-
-    def _jsonl(self, f: InputFile) -> Iterator[TextRecord]:
-        for i, line in enumerate(f.fs.cat_file(f.path).split(b"\n")):
-            if not line.strip():
-                continue
-            key = f"{f.name}:{i}"
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield TextRecord(key, None, BAD_UTF8)
-                continue
-            except json.JSONDecodeError:
-                yield TextRecord(key, None, BAD_JSON)
-                continue
-            text = row.get(self.text_field) if isinstance(row, dict) else None
-            yield _text_record(key, None if text is None else str(text), MISSING_TEXT if text is None else None)
-
-    def _parquet(self, f: InputFile, rg: int) -> Iterator[TextRecord]:
-        import pyarrow.parquet as pq
-
-        with f.open() as fh:
-            pf = pq.ParquetFile(fh)
-            offset = sum(pf.metadata.row_group(i).num_rows for i in range(rg))
-            values = pf.read_row_group(rg, columns=[self.text_field]).column(0).to_pylist()
-        for i, v in enumerate(values):
-            key = f"{f.name}:{offset + i}"
-            if v is None:
-                yield TextRecord(key, None, MISSING_TEXT)
-            elif isinstance(v, bytes):
-                s = _decode_or_none(v)
-                yield _text_record(key, s, BAD_UTF8 if s is None else None)
-            else:
-                yield _text_record(key, str(v))
-
-    def count(self, units: Sequence) -> int | None:
-        return None
-
-
-def text_source(inputs: Sequence[str], doc_split: str = "paragraph", text_field: str = "text") -> TextSource:
-    """Reader over .txt/.md, .jsonl and .parquet files found in `inputs` (paths, globs, folders)."""
-    return TextSource(list_files(inputs, (".txt", ".md", ".jsonl", ".json", ".parquet")), doc_split, text_field)
+def caption_problem(caption: str | None) -> str | None:
+    """Why a caption (as read, before stripping) cannot be used, or None."""
+    if caption is None:
+        return MISSING_CAPTION
+    if not caption.strip():
+        return EMPTY_CAPTION
+    if len(caption.strip()) > MAX_CAPTION_CHARS:
+        return CAPTION_TOO_LONG
+    return None
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _text_record(key: str, text: str | None, error: str | None = None) -> TextRecord:
-    if error is None and (text is None or not text.strip()):
-        error = EMPTY_TEXT
-    return TextRecord(key, text, error)
 
 
 def _wds_key(name: str) -> str:
@@ -433,11 +512,29 @@ def _wds_key(name: str) -> str:
     return posixpath.join(d, b.split(".", 1)[0])
 
 
-def _decode_or_none(b: bytes) -> str | None:
+def _tar_reason(e: BaseException) -> str:
+    """truncated_tar for an archive that ends early, corrupt_tar for anything else."""
+    text = str(e).lower()
+    cut = isinstance(e, EOFError) or "unexpected end" in text or "empty file" in text or "truncated" in text
+    return TRUNCATED_TAR if cut else CORRUPT_TAR
+
+
+def _tar_end_damage(tf: tarfile.TarFile) -> tuple[str, str] | None:
+    """After tarfile stopped listing members: None at a real end-of-archive block, else the damage.
+
+    tarfile ends its member list silently at a header cut short or one that does not parse, so a
+    tar copied halfway would otherwise look complete.
+    """
     try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        tf.fileobj.seek(tf.offset)
+        block = tf.fileobj.read(tarfile.BLOCKSIZE)
+    except _TAR_ERRORS as e:
+        return _tar_reason(e), str(e)
+    if len(block) < tarfile.BLOCKSIZE:
+        return TRUNCATED_TAR, f"unexpected end of data at byte {tf.offset}"
+    if block.count(0) != tarfile.BLOCKSIZE:
+        return CORRUPT_TAR, f"invalid member header at byte {tf.offset}"
+    return None
 
 
 def _is_utf8(s: str) -> bool:
@@ -448,14 +545,67 @@ def _is_utf8(s: str) -> bool:
         return False
 
 
-def _parquet_meta(f: InputFile, columns: Sequence[str]):
+def binary_values(column: Any) -> list:
+    """A parquet column as Python values, strings as raw bytes (pyarrow fails on invalid UTF-8)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type):
+        column = column.cast(pa.binary())
+    elif pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())
+    return column.to_pylist()
+
+
+def read_row_group(f: InputFile, rg: int, columns: Sequence[str]) -> Any:
     import pyarrow.parquet as pq
 
     with f.open() as fh:
-        pf = pq.ParquetFile(fh)
-        names = set(pf.schema_arrow.names)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(f"{f.path} has no column(s) {missing}; it has {sorted(names)} "
-                         f"(set --image-column/--caption-column/--key-column/--text-field)")
-    return pf.metadata
+        return pq.ParquetFile(fh).read_row_group(rg, columns=list(columns))
+
+
+def log_lost_row_group(f: InputFile, rg: int, n: int, e: Exception) -> None:
+    log.warning("%s: row group %d unreadable (%s); its %d rows are counted as %s", f.path, rg, e, n,
+                CORRUPT_PARQUET)
+
+
+def parquet_units(files: Sequence[InputFile], columns: Sequence[str]) -> list[tuple[InputFile, int, int, int]]:
+    """(file, row group, first row, rows) per row group; (file, -1, 0, 1) for a damaged file.
+
+    A missing column is a setup error (wrong --*-column) and raised; a damaged file is counted,
+    once, and the other files go on.
+    """
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in files:
+        try:
+            with f.open() as fh:
+                pf = pq.ParquetFile(fh)
+                names, md = set(pf.schema_arrow.names), pf.metadata
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            log.warning("%s: %s (%s); counted once, the other files go on", f.path, parquet_damage(f), e)
+            out.append((f, -1, 0, 1))
+            continue
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{f.path} has no column(s) {missing}; it has {sorted(names)} "
+                             f"(set --image-column/--caption-column/--key-column/--text-field)")
+        offset = 0
+        for rg in range(md.num_row_groups):
+            n = md.row_group(rg).num_rows
+            out.append((f, rg, offset, n))
+            offset += n
+    return out
+
+
+def parquet_damage(f: InputFile) -> str:
+    """truncated_parquet when the file starts like parquet but lacks its closing magic bytes."""
+    try:
+        size = f.fs.size(f.path)
+        with f.open() as fh:
+            head = fh.read(4)
+            fh.seek(max(size - 4, 0))
+            tail = fh.read(4)
+    except OSError:
+        return UNREADABLE
+    return TRUNCATED_PARQUET if head == b"PAR1" and tail != b"PAR1" else CORRUPT_PARQUET

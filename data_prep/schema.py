@@ -27,10 +27,17 @@ Text shards (written by `data_prep.tokenize_text`):
 |----------|-----------------|------------------------------------------|
 | `key`    | `str`           | source key (file:document or file:line)  |
 | `tokens` | `ndarray:int32` | BOS + ids + EOS of one document          |
+
+Shards are read by schema: `check_index` refuses a shard set (its index.json) holding any column
+or encoding not in the tables above, before a sample is decoded. MDS can store `pkl` columns,
+and reading one unpickles whatever the file says, i.e. runs code chosen by whoever wrote it.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -54,6 +61,62 @@ def image_columns(latent_shape: Sequence[int], latent_dtype: str = "float16") ->
         "latent_std": latent,
         "orig_size": "ndarray:int32:2",
     }
+
+
+# Allowed encodings per column name (any latent shape); a shard set's kind follows from its names.
+_LATENT = re.compile(r"ndarray:(float16|uint16):\d+,\d+,\d+")
+_ENCODINGS: dict[str, re.Pattern] = {name: re.compile(re.escape(enc)) for name, enc in
+                                     {**image_columns((1, 1, 1)), **TEXT_COLUMNS}.items()}
+_ENCODINGS["latent_mean"] = _ENCODINGS["latent_std"] = _LATENT
+KIND_COLUMNS: dict[str, frozenset[str]] = {
+    "image": frozenset(image_columns((1, 1, 1))), "text": frozenset(TEXT_COLUMNS)}
+
+
+class SchemaError(ValueError):
+    """A shard set whose columns are not ours; the message is one line naming the set and column."""
+
+
+def check_index(path: str | Path, kind: str | None = None) -> str:
+    """Refuse (SchemaError) a shard set with any column or encoding outside this schema; its kind.
+
+    `path` is a shard folder or its index.json; `kind` ('image' or 'text') also requires that
+    kind. Reads only the index, so nothing in a shard is decoded before the check passes.
+    """
+    index = Path(path)
+    index = index / "index.json" if index.is_dir() else index
+    where = f"shard set {index.parent}"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+        if not isinstance(shards, list):
+            raise TypeError("'shards' is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SchemaError(f"{where}: cannot read {index.name} ({type(e).__name__}: {e})") from None
+    kinds = set()
+    for i, shard in enumerate(shards):
+        shard = shard if isinstance(shard, dict) else {}
+        names, encodings = shard.get("column_names"), shard.get("column_encodings")
+        if shard.get("format") != "mds" or not isinstance(names, list) or not isinstance(encodings, list) \
+                or len(names) != len(encodings):
+            raise SchemaError(f"{where}: shard {i} is not an MDS shard with column names and encodings")
+        for name, enc in zip(names, encodings):
+            if name not in _ENCODINGS:
+                raise SchemaError(f"{where}: unexpected column {name!r} (encoding {enc!r}); refusing to read it "
+                                  f"(allowed columns: data_prep/schema.py)")
+            if not isinstance(enc, str) or not _ENCODINGS[name].fullmatch(enc):
+                why = " (pkl would unpickle, i.e. run, whatever the file holds)" if enc == "pkl" else ""
+                raise SchemaError(f"{where}: column {name!r} has encoding {enc!r}, not the one in "
+                                  f"data_prep/schema.py; refusing to read it{why}")
+        got = [k for k, cols in KIND_COLUMNS.items() if set(names) == cols]
+        if not got:
+            raise SchemaError(f"{where}: shard {i} has columns {sorted(names)}, neither the image-caption "
+                              f"{sorted(KIND_COLUMNS['image'])} nor the text {sorted(KIND_COLUMNS['text'])} set")
+        kinds.add(got[0])
+    if len(kinds) > 1:
+        raise SchemaError(f"{where}: mixes image and text shards")
+    found = kinds.pop() if kinds else None
+    if kind is not None and found is not None and found != kind:
+        raise SchemaError(f"{where}: holds {found} shards, but it is configured as a stream of kind {kind!r}")
+    return found or "empty"
 
 
 def latents_to_storage(x: torch.Tensor, latent_dtype: str = "float16") -> np.ndarray:

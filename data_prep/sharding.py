@@ -17,6 +17,9 @@ into chunks of `chunk_size` records in stream order. A chunk is written to a tem
 anything else is redone. Records are deterministic in content and order, so a rerun after a crash
 yields exactly the samples of an uninterrupted run. (On object stores, where rename is not atomic,
 the `done.json` written last is the commit marker.)
+
+Every index this module merges (committed chunks, parts) first passes `schema.check_index`, so a
+part folder planted or altered with columns outside our schema (e.g. `pkl`) is refused by name.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 from streaming import MDSWriter
 from streaming.base.util import merge_index
 from tqdm import tqdm
+
+from .schema import SchemaError, check_index
 
 log = logging.getLogger("data_prep")
 T = TypeVar("T")
@@ -88,12 +93,17 @@ def partition(units: Sequence[T], rank: int, world_size: int) -> list[T]:
 
 @dataclass
 class Stats:
-    """Counts of one chunk (or a sum of chunks): records seen, samples written, skips by reason."""
+    """Counts of one chunk (or a sum of chunks): records seen, samples written, skips by reason.
+
+    `examples` names up to MAX_EXAMPLES records per reason and chunk (keys, with 1-based
+    locations); `renamed` counts samples written under a `key#n` name (duplicate keys).
+    """
 
     records: int = 0
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    renamed: int = 0
 
     def skip(self, reason: str, key: str) -> None:
         self.skipped[reason] += 1
@@ -104,6 +114,7 @@ class Stats:
     def add(self, other: "Stats") -> None:
         self.records += other.records
         self.written += other.written
+        self.renamed += other.renamed
         self.skipped.update(other.skipped)
         for reason, keys in other.examples.items():
             ex = self.examples.setdefault(reason, [])
@@ -111,15 +122,19 @@ class Stats:
 
     def to_dict(self) -> dict:
         return {"records": self.records, "written": self.written, "skipped_total": sum(self.skipped.values()),
-                "skipped": dict(sorted(self.skipped.items())), "examples": self.examples}
+                "skipped": dict(sorted(self.skipped.items())), "examples": self.examples,
+                "renamed_duplicate_keys": self.renamed}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stats":
-        return cls(d["records"], d["written"], Counter(d["skipped"]), d.get("examples", {}))
+        return cls(d["records"], d["written"], Counter(d["skipped"]), d.get("examples", {}),
+                   d.get("renamed_duplicate_keys", 0))
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.records} records, {self.written} written, {sum(self.skipped.values())} skipped ({reasons})"
+        renamed = f", {self.renamed} under renamed duplicate keys" if self.renamed else ""
+        return (f"{self.records} records, {self.written} written{renamed}, {sum(self.skipped.values())} skipped "
+                f"({reasons})")
 
 
 class _Counted:
@@ -293,7 +308,13 @@ class ShardJob:
 
 
 def _merge_quiet(index_files: list[str], out: Path) -> None:
-    """streaming's merge_index (shard paths become relative to `out`), without its warnings."""
+    """streaming's merge_index (shard paths become relative to `out`), without its warnings.
+
+    Each input index is checked against our schema first (one-line SchemaError naming it).
+    """
+    kinds = {check_index(p) for p in index_files} - {"empty"}
+    if len(kinds) > 1:
+        raise SchemaError(f"{out}: its parts mix image and text shards; they cannot form one dataset")
     if not index_files:  # merge_index writes nothing for an empty list; readers want an index
         _write_json(out / "index.json", {"version": 2, "shards": []})
         return

@@ -2,7 +2,9 @@
 
 Inputs: `.txt`/`.md` files (one document per blank-line-separated paragraph, or per file with
 `--doc-split file`), JSONL with a text field, Parquet with a text column (`--text-field`).
-Undecodable (non-UTF-8) paragraphs/lines, bad JSON, missing or empty texts are skipped and counted.
+Text that is not valid UTF-8 (undecodable bytes, JSON `\\udce9` escapes), bad JSON, missing or empty
+texts, texts sentencepiece rejects and damaged parquet files are skipped and counted. Keys are
+1-based locations: `file:line` (a paragraph's first line, a JSONL line), `file:row` (Parquet).
 Partitioning (`--rank/--world-size` or SLURM/torchrun variables; units are files, or parquet row
 groups), resumable chunks and reports work as in encode_latents (see `data_prep.sharding`).
 
@@ -11,19 +13,27 @@ groups), resumable chunks and reports work as in encode_latents (see `data_prep.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (`python data_prep/tokenize_text.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
+
 import argparse
 import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import readers
-from .cli import local_abspath, parse_with_config, setup_logging
+from . import text_readers
+from .cli import local_abspath, parse_with_config, run_tool, setup_logging
 from .schema import TEXT_COLUMNS
 from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.tokenize_text")
+TOKENIZE_ERROR = "tokenize_error"
 
 
 class ChunkTokenizer:
@@ -32,9 +42,9 @@ class ChunkTokenizer:
     def __init__(self, tokenizer: Tokenizer, batch_docs: int = 512):
         self.tokenizer, self.batch_docs = tokenizer, batch_docs
 
-    def __call__(self, records: Iterator[readers.TextRecord], writer: Any, stats: Stats,
+    def __call__(self, records: Iterator[text_readers.TextRecord], writer: Any, stats: Stats,
                  tick: Callable[[int], None]) -> None:
-        batch: list[readers.TextRecord] = []
+        batch: list[text_readers.TextRecord] = []
         for rec in records:
             if rec.error:
                 stats.skip(rec.error, rec.key)
@@ -47,12 +57,27 @@ class ChunkTokenizer:
         if batch:
             self._flush(batch, writer, stats, tick)
 
-    def _flush(self, batch: list[readers.TextRecord], writer: Any, stats: Stats, tick: Callable[[int], None]) -> None:
+    def _flush(self, batch: list[text_readers.TextRecord], writer: Any, stats: Stats,
+               tick: Callable[[int], None]) -> None:
         bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
-        for rec, ids in zip(batch, self.tokenizer.encode_batch([r.text for r in batch])):
+        try:
+            encoded: list[list[int] | None] = self.tokenizer.encode_batch([r.text for r in batch])
+        except Exception:  # noqa: BLE001 - one text sentencepiece rejects: find it, keep the others
+            encoded = [self._encode_one(r) for r in batch]
+        for rec, ids in zip(batch, encoded):
+            if ids is None:
+                stats.skip(TOKENIZE_ERROR, rec.key)
+                continue
             writer.write({"key": rec.key, "tokens": np.asarray([bos, *ids, eos], dtype=np.int32)})
             stats.written += 1
         tick(len(batch))
+
+    def _encode_one(self, rec: text_readers.TextRecord) -> list[int] | None:
+        try:
+            return self.tokenizer.encode(rec.text)
+        except Exception as e:  # noqa: BLE001 - counted as tokenize_error
+            log.warning("%s: text not tokenizable (%s: %s)", rec.key, type(e).__name__, e)
+            return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,14 +99,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     setup_logging()
     rank, world = resolve_worker(args.rank, args.world_size)
     tokenizer = Tokenizer(args.tokenizer)
-    source = readers.text_source(args.input, args.doc_split, args.text_field)
+    source = text_readers.text_source(args.input, args.doc_split, args.text_field)
     all_units = source.units()
     units = partition(all_units, rank, world)
     settings = {
         "kind": "text", "inputs": [local_abspath(i) for i in args.input], "doc_split": args.doc_split,
         "text_field": args.text_field, "tokenizer": local_abspath(args.tokenizer),
         "special_tokens": tokenizer.special_tokens(), "vocab_size": tokenizer.vocab_size,
-        "tokens": "BOS + ids + EOS",
+        "tokens": "BOS + ids + EOS", "key_positions": "1-based",  # outputs with older 0-based keys are not resumed
     }
     log.info("worker %d/%d: %d of %d input units", rank, world, len(units), len(all_units))
     job = ShardJob(args.out, rank, world, args.chunk_size, TEXT_COLUMNS, settings,
@@ -93,5 +118,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-tokenize-text`): errors a user must fix print as one line."""
+    run_tool(main, "tokenize_text")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,6 +15,13 @@ and `vocab_size`, for checking the training config.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (`python data_prep/train_tokenizer.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
+
 import argparse
 import glob
 import json
@@ -25,6 +32,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from .cli import run_tool
 from .tokenizer import BOI_PIECE, EOI_PIECE, Tokenizer, special_tokens_path
 
 log = logging.getLogger("data_prep.train_tokenizer")
@@ -172,5 +180,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return info
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-train-tokenizer`): errors a user must fix print as one line."""
+    run_tool(main, "train_tokenizer")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,6 +15,13 @@ ignored and bad images skipped. Options may also come from `--config vae.yaml`.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (`python data_prep/train_vae.py`): import it as part of the package
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "data_prep"
+
 import argparse
 import json
 import logging
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import images, readers
-from .cli import int_list, parse_with_config, setup_logging
+from .cli import int_list, parse_with_config, run_tool, setup_logging
 
 log = logging.getLogger("data_prep.train_vae")
 
@@ -187,5 +194,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return train(args)
 
 
+def cli() -> None:
+    """Console entry point (`transfusion-train-vae`): errors a user must fix print as one line."""
+    run_tool(main, "train_vae")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,6 +26,10 @@ from data_prep.tokenizer import Tokenizer, load_special_tokens
 from data_prep.train_tokenizer import extend_existing
 
 RES = 16  # tiny VAE: 16x16 -> 4x8x8
+REPO = Path(__file__).resolve().parents[1]
+# Every data_prep module with a main is a tool a data engineer may run as `python data_prep/<tool>.py`.
+TOOLS = sorted(p.stem for p in (REPO / "data_prep").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+assert {"train_tokenizer", "train_vae", "encode_latents", "tokenize_text", "merge_index", "embedded_default"} <= set(TOOLS)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +186,8 @@ def test_all_input_formats_give_the_same_latents(assets, tmp_path):
     for name, samples in results.items():
         assert [s["caption"] for s in samples] == [c for _, c in items], name
         assert all(a["latent_mean"].tobytes() == b["latent_mean"].tobytes() for a, b in zip(ref, samples)), name
-    assert results["tar"][0]["key"] == "shard-0/s0_000" and results["parquet"][5]["key"] == "data.parquet:5"
+    # Parquet keys are 1-based row numbers (like every location in the reports): row 6 is data.parquet:6.
+    assert results["tar"][0]["key"] == "shard-0/s0_000" and results["parquet"][5]["key"] == "data.parquet:6"
     # More workers than tar files: an empty part is fine and the merge equals the single run.
     for rank in range(3):
         rep = encode(assets, runs["tar"], tmp_path / "tar3", "--rank", str(rank), "--world-size", "3")
@@ -233,7 +241,8 @@ def test_tokenize_text_formats_and_bad_lines(assets, tmp_path):
     assert report["skipped"] == {"bad_utf8": 3, "bad_json": 1, "empty_text": 1, "missing_text": 2}
     tok = Tokenizer(assets["tok"])
     samples = read_all(tmp_path / "out")
-    assert [s["key"] for s in samples] == ["a.txt:0", "a.txt:2", "b.jsonl:0", "b.jsonl:5", "c.parquet:0"]
+    # Keys are 1-based locations: a paragraph's first line, a JSONL line, a parquet row.
+    assert [s["key"] for s in samples] == ["a.txt:1", "a.txt:7", "b.jsonl:1", "b.jsonl:6", "c.parquet:1"]
     assert samples[0]["tokens"].tolist() == [1, *tok.encode("first doc line one\nline two"), 2]
     assert samples[0]["tokens"].dtype == np.int32
     per_file = tokenize_text.main(["--input", str(d / "a.txt"), "--out", str(tmp_path / "files"),
@@ -257,3 +266,14 @@ def test_train_vae_from_yaml(tmp_path):
     with pytest.raises(SystemExit):
         (tmp_path / "bad.yaml").write_text("stepz: 3\n")
         train_vae.main(["--config", str(tmp_path / "bad.yaml"), "--input", "x", "--out", "y"])
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_runs_as_a_script(tool, tmp_path):
+    """`python data_prep/<tool>.py` works as data engineers run it: from the repo root and elsewhere."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for cwd, script in ((REPO, f"data_prep/{tool}.py"), (tmp_path, str(REPO / "data_prep" / f"{tool}.py"))):
+        proc = subprocess.run([sys.executable, script, "--help"], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.startswith(f"usage: {tool}.py"), proc.stdout[:200]

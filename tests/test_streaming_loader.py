@@ -179,22 +179,29 @@ def test_elastic_resume_on_more_ranks_reads_each_sample_once(big_shards):
         assert sorted(keys_of(taken, stream)) == sorted(f"{prefix}{j}" for j in range(total))
 
 
-def test_training_on_two_ranks_resumes_on_one_and_the_data_continues(big_shards, tmp_path):
-    """The real launch path: torchrun FSDP(2) on shards saves at step 2; one process resumes it."""
-    common = [*streaming_overrides(big_shards), "model.n_layers=2", "train.batch_size=2", "train.device=cpu",
-              f"train.output_dir={tmp_path / 'run'}", "checkpoint.interval=2", "logging.log_every=1"]
+def test_training_on_two_ranks_crosses_epochs_then_resumes_on_one(tmp_path):
+    """The real launch path: torchrun FSDP(2) on shards whose 20 images last each rank about one step,
+    so the ranks start new epochs at different moments (StreamingDataset's own iterator would block
+    there, at its node-wide barrier); saved at step 6, one process resumes it and the data continues."""
+    write_shards(tmp_path / "shards", n_images=20, n_texts=200, seed=2)
+    common = [*streaming_overrides(tmp_path / "shards"), "model.n_layers=2", "train.batch_size=2",
+              "train.device=cpu", f"train.output_dir={tmp_path / 'run'}", "checkpoint.interval=6",
+              "logging.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     first = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "trainer.train", "--config", "configs/tiny.yaml",
-         *common, "parallel.dp_shard=2", "train.steps=2"],
+         *common, "parallel.dp_shard=2", "train.steps=6"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert first.returncode == 0, first.stderr[-3000:]
+    saved = [torch.load(f, weights_only=True)["loader"]["source"]["streams"][0]
+             for f in sorted((tmp_path / "run" / "checkpoints" / "step_00000006").glob("rank_*.pt"))]
+    assert len(saved) == 2 and all(s["epoch"] >= 3 for s in saved), saved
     second = subprocess.run(
-        [sys.executable, "-m", "trainer.train", "--config", "configs/tiny.yaml", *common, "train.steps=3"],
+        [sys.executable, "-m", "trainer.train", "--config", "configs/tiny.yaml", *common, "train.steps=7"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming at step 2" in second.stdout
+    assert "resuming at step 6" in second.stdout
     assert "data-parallel ranks 2 -> 1: the data continues (image stream:" in second.stdout, second.stdout

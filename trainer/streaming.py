@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from data_prep.schema import draw_latent, sample_latents
+from data_prep.schema import SchemaError, check_index, draw_latent, sample_latents
 from model.config_base import ConfigError
 
 from .config import Config, StreamConfig
@@ -62,6 +62,34 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
             )
 
 
+def open_stream(stream: StreamConfig) -> StreamingDataset:
+    """The stream's StreamingDataset, once its index passed data_prep's schema check (one-line refusal).
+
+    A local index is checked before streaming opens it; a remote stream's index once streaming has
+    put it in the local cache, before any sample is read.
+    """
+    index = Path(stream.path) / "index.json"
+    checked = index.is_file()
+    if checked:
+        _check_schema(index, stream.kind)
+    try:
+        dataset = StreamingDataset(local=stream.path, remote=stream.remote, shuffle=False, batch_size=1)
+    except Exception:
+        if not checked and index.is_file():  # fetched, then refused by streaming: say why in our terms
+            _check_schema(index, stream.kind)
+        raise
+    if not checked:
+        _check_schema(index, stream.kind)
+    return dataset
+
+
+def _check_schema(index: Path, kind: str) -> None:
+    try:
+        check_index(index, kind)
+    except SchemaError as e:
+        raise ConfigError(str(e)) from None  # names the shard set and the column
+
+
 class StreamingSource:
     """Iterator over Documents from several MDS streams, mixed by tokens; exact, elastic resume."""
 
@@ -75,8 +103,7 @@ class StreamingSource:
         self.max_caption = d.max_caption_tokens
         self.sample_posterior = d.sample_latents
         self.P = cfg.model.patches_per_image
-        self.datasets = [StreamingDataset(local=s.path, remote=s.remote, shuffle=False, batch_size=1)
-                         for s in self.streams]
+        self.datasets = [open_stream(s) for s in self.streams]
         for s, ds in zip(self.streams, self.datasets):
             if ds.num_samples < world:
                 raise ConfigError(f"data stream '{s.path}' has {ds.num_samples} samples, fewer than the {world} "
