@@ -32,6 +32,7 @@ from model.config_base import ConfigError
 
 from .config import Config, StreamConfig
 from .documents import Document, DocumentBuilder
+from .megatron_corpus import MegatronCorpus
 from .sample_order import EpochOrder, RankCursor, deal, merge, position_at, segments_length
 
 
@@ -98,12 +99,13 @@ class StreamingSource:
         self.cfg, self.builder, self.rank, self.world = cfg, builder, rank, world
         self.streams = d.streams
         for s in self.streams:
-            check_dataset_info(s, cfg)
+            if s.kind != "megatron":
+                check_dataset_info(s, cfg)
         self.seed = cfg.train.seed
         self.max_caption = d.max_caption_tokens
         self.sample_posterior = d.sample_latents
         self.P = cfg.model.patches_per_image
-        self.datasets = [open_stream(s) for s in self.streams]
+        self.datasets = [self._open(s) for s in self.streams]
         for s, ds in zip(self.streams, self.datasets):
             if ds.num_samples < world:
                 raise ConfigError(f"data stream '{s.path}' has {ds.num_samples} samples, fewer than the {world} "
@@ -116,6 +118,13 @@ class StreamingSource:
 
     def __iter__(self) -> "StreamingSource":
         return self
+
+    def _open(self, stream: StreamConfig) -> StreamingDataset | MegatronCorpus:
+        if stream.kind == "megatron":
+            m = self.cfg.model
+            return MegatronCorpus(stream.path, m.vocab_size, m.tokens.bos, m.tokens.eos, stream.add_bos,
+                                  stream.add_eos)
+        return open_stream(stream)
 
     def _order(self, i: int) -> EpochOrder:
         epoch = self.cursors[i].epoch
@@ -135,15 +144,19 @@ class StreamingSource:
         return self.datasets[i][self._order(i).sample_id(pos)], cur.epoch, pos
 
     def __next__(self) -> Document:
-        i = int(np.argmin([p / s for p, s in zip(self.positions, self.shares)]))
-        sample, epoch, pos = self._next_sample(i)
-        rng = np.random.default_rng([self.seed, i, epoch, pos])
-        doc = self._document(self.streams[i].kind, sample, rng)
+        doc = None
+        while doc is None:  # None: an empty Megatron document, skipped
+            i = int(np.argmin([p / s for p, s in zip(self.positions, self.shares)]))
+            sample, epoch, pos = self._next_sample(i)
+            rng = np.random.default_rng([self.seed, i, epoch, pos])
+            doc = self._document(self.streams[i].kind, sample, rng)
         self.positions[i] += doc.num_positions(self.P)
         return doc
 
-    def _document(self, kind: str, sample: dict, rng: np.random.Generator) -> Document:
-        if kind == "text":
+    def _document(self, kind: str, sample: dict, rng: np.random.Generator) -> Document | None:
+        if kind in ("text", "megatron"):
+            if sample["tokens"] is None:
+                return None
             return self.builder.text(np.asarray(sample["tokens"], dtype=np.int64), add_bos_eos=False)
         mean, std = sample_latents(sample)
         if self.sample_posterior:
