@@ -68,8 +68,15 @@ _LATENT = re.compile(r"ndarray:(float16|uint16):\d+,\d+,\d+")
 _ENCODINGS: dict[str, re.Pattern] = {name: re.compile(re.escape(enc)) for name, enc in
                                      {**image_columns((1, 1, 1)), **TEXT_COLUMNS}.items()}
 _ENCODINGS["latent_mean"] = _ENCODINGS["latent_std"] = _LATENT
+# Image-token shards (data_prep.encode_vq_tokens, the discrete-image baseline): key, caption and
+# caption_ids as in image shards, and `image_tokens`: the VQ code indices of the image, row-major
+# over the code grid (0 .. codebook_size-1; the trainer adds model.image_token_offset).
+IMAGE_TOKEN_COLUMNS: dict[str, str] = {"key": "str", "caption": "str", "caption_ids": "ndarray:int32",
+                                       "image_tokens": "ndarray:int32"}
+_ENCODINGS["image_tokens"] = re.compile(re.escape(IMAGE_TOKEN_COLUMNS["image_tokens"]))
 KIND_COLUMNS: dict[str, frozenset[str]] = {
-    "image": frozenset(image_columns((1, 1, 1))), "text": frozenset(TEXT_COLUMNS)}
+    "image": frozenset(image_columns((1, 1, 1))), "text": frozenset(TEXT_COLUMNS),
+    "image_tokens": frozenset(IMAGE_TOKEN_COLUMNS)}
 
 
 class SchemaError(ValueError):

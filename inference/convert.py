@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from model.config import DiffusionConfig, ModelConfig
 from model.config_base import ConfigError, from_dict
+from model.vq import VQError, check_vq, load_vq
 from parallel.deepspeed_engine import DS_TAG, consolidated_state_dict
 from trainer.checkpoint_files import (
     MANIFEST, TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, load_plain, verify_folder,
@@ -37,6 +38,7 @@ from .loading import (
 )
 from .tokenizer import TextTokenizer, TokenizerError
 
+VQ_DIR = "vq"
 MODEL_KEY = "model"  # the trainer saves {"model": model_sd, "optim": optim_sd}
 
 
@@ -117,7 +119,7 @@ def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Create `out`; refuse to overwrite an earlier conversion unless asked, then remove only its files."""
-    ours = [p for p in out.glob("*") if p.name in ("config.json", TOKENIZER_NAME, VAE_DIR, "generation_config.json")
+    ours = [p for p in out.glob("*") if p.name in ("config.json", TOKENIZER_NAME, VAE_DIR, VQ_DIR, "generation_config.json")
             or (p.name.startswith("model") and ".safetensors" in p.name)] if out.is_dir() else []
     if ours and not overwrite:
         raise InferenceFolderError(f"'{out}' already holds a converted model ({ours[0].name}); pass --overwrite or pick another folder")
@@ -129,9 +131,12 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 def convert_checkpoint(
     ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: int | str = "2GB",
     tokenizer: str | Path | None = None, vae: str | Path | None = None, vae_mode: str = "copy",
-    hf_llama: str | Path | None = None, overwrite: bool = False,
+    hf_llama: str | Path | None = None, overwrite: bool = False, vq: str | Path | None = None,
 ) -> InferenceConfig:
-    """Write the inference folder (and optionally the HF Llama export); returns its config."""
+    """Write the inference folder (and optionally the HF Llama export); returns its config.
+
+    `vq` (a VQModel folder) is the image codec of a `model.image_representation: tokens` checkpoint,
+    copied or referenced like the VAE (`vae_mode`)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt = resolve_checkpoint(ckpt_dir)
@@ -139,8 +144,18 @@ def convert_checkpoint(
     model_cfg, diffusion_cfg, source = read_train_configs(ckpt)
     if tokenizer is not None:
         TextTokenizer(tokenizer, model_cfg)  # fail before writing anything
+    tokens = model_cfg.image_representation == "tokens"
+    if vae is not None and tokens:
+        raise ValueError(f"checkpoint '{ckpt}' models images as VQ tokens: pass its VQ model (--vq), not a VAE")
+    if vq is not None and not tokens:
+        raise ValueError(f"checkpoint '{ckpt}' models images as VAE latents: pass --vae, not --vq")
     if vae is not None:
         load_vae(vae, model_cfg)
+    if vq is not None:
+        try:
+            check_vq(load_vq(vq), model_cfg.latent_size, model_cfg.image_codebook_size, str(vq))
+        except VQError as e:
+            raise InferenceFolderError(str(e)) from None
     out = Path(out_dir)
     _prepare_output(out, overwrite)
     if hf_llama is not None:
@@ -159,6 +174,12 @@ def convert_checkpoint(
             cfg.vae = VAE_DIR
         else:
             cfg.vae = os.path.relpath(Path(vae).resolve(), out.resolve())
+    if vq is not None:
+        if vae_mode == "copy":
+            shutil.copytree(vq, out / VQ_DIR)
+            cfg.vq = VQ_DIR
+        else:
+            cfg.vq = os.path.relpath(Path(vq).resolve(), out.resolve())
     write_config(out, cfg)  # last: a folder without config.json is an unfinished conversion
     if hf_llama is not None:
         export_hf_llama(state, model_cfg, hf_llama, max_shard_size, tokenizer)
@@ -174,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size (e.g. 2GB, 500MB)")
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model file to copy into the folder")
     ap.add_argument("--vae", default=None, help="AutoencoderKL save_pretrained folder")
+    ap.add_argument("--vq", default=None, help="VQModel save_pretrained folder (model.image_representation=tokens)")
     ap.add_argument("--vae-mode", choices=["copy", "reference"], default="copy",
-                    help="copy the VAE into OUT_DIR/vae, or store a relative path to it in config.json")
+                    help="copy the VAE (or VQ model) into OUT_DIR, or store a relative path to it in config.json")
     ap.add_argument("--hf-llama", default=None, metavar="HF_OUT",
                     help="also export the text backbone as a Hugging Face LlamaForCausalLM folder")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR / HF_OUT")
@@ -189,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = convert_checkpoint(
             args.ckpt_dir, args.out_dir, args.dtype, max_shard, args.tokenizer, args.vae, args.vae_mode,
-            args.hf_llama, args.overwrite,
+            args.hf_llama, args.overwrite, args.vq,
         )
     except (InferenceFolderError, TokenizerError, VAEError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

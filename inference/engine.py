@@ -61,6 +61,8 @@ class RowState:
         for seg in segments:
             if isinstance(seg, list):
                 row.add_tokens(seg)
+            elif cfg.image_representation == "tokens":  # a code grid: plain ids, BOI codes EOI
+                row.add_tokens([t.boi] + (seg.flatten().long() + cfg.image_token_offset).tolist() + [t.eoi])
             else:
                 row.add_tokens([t.boi])
                 row.add_image(seg, cfg.patches_per_image, t.pad)

@@ -13,6 +13,10 @@
 3. Caption -> image: N images per class from one caption template, decoded with the VAE, classified.
 4. Image -> caption: held-out digits, VAE-encoded, captioned greedily; the digit is parsed from the text.
 5. OUT/grid.png (rows = classes), OUT/loss_curve.png (from RUN/metrics.jsonl), OUT/results.json.
+
+A run with `model.image_representation: tokens` (the discrete baseline) is evaluated the same way
+with DATA/vq (data_prep.train_vq) in place of the VAE: images are VQ code grids, sampled token by
+token with CFG on the logits (the diffusion settings do not apply) and decoded by the VQ model.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def check_folders(run: Path, data: Path) -> dict[str, Path]:
     if not data.is_dir():
         raise EvaluationError(f"data folder '{data}' does not exist; prepare it with `{prep}` (or pass --data)")
     paths = {"heldout": data / "raw" / "heldout" / "manifest.jsonl", "train": data / "raw" / "train" / "manifest.jsonl",
-             "tokenizer": data / "tokenizer" / "tokenizer.model", "vae": data / "vae"}
+             "tokenizer": data / "tokenizer" / "tokenizer.model", "vae": data / "vae", "vq": data / "vq"}
     for name in ("heldout", "tokenizer", "vae"):
         if not paths[name].exists():
             raise EvaluationError(f"'{data}' has no {paths[name].relative_to(data)}: the data preparation did not "
@@ -146,9 +150,8 @@ def generate_captions(gen: Any, latents: torch.Tensor, s: EvalSettings) -> list[
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
              settings: EvalSettings | None = None) -> dict[str, Any]:
     """Run steps 1-5 (see the module docstring); returns what results.json holds."""
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, read_train_configs, resolve_checkpoint
     from .generate import TransfusionGenerator
-    from .images import decode_latents, vae_resolution
     from .loading import InferenceFolderError
 
     s = settings or EvalSettings()
@@ -160,12 +163,17 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     t0 = time.time()
 
     try:  # 1. convert
-        inf = convert_checkpoint(run, out / "model", tokenizer=paths["tokenizer"], vae=paths["vae"], overwrite=True)
+        tokens = read_train_configs(resolve_checkpoint(run))[0].image_representation == "tokens"
+        if tokens and not paths["vq"].exists():
+            raise EvaluationError(f"'{run}' reads images as VQ tokens but '{data}' has no vq/; train it with "
+                                  f"`python -m data_prep.train_vq --input {paths['train']} --out {paths['vq']}`")
+        codec = {"vq": paths["vq"]} if tokens else {"vae": paths["vae"]}
+        inf = convert_checkpoint(run, out / "model", tokenizer=paths["tokenizer"], overwrite=True, **codec)
     except InferenceFolderError as e:
         raise EvaluationError(f"{e}\n(the trainer writes <output_dir>/checkpoints/step_N when checkpoint.enabled "
                               f"is true; is '{run}' a finished run?)") from None
     gen = TransfusionGenerator.from_folder(out / "model")
-    size = vae_resolution(gen.vae, gen.cfg)
+    size = gen.image_resolution()
     seconds["convert"] = time.time() - t0
 
     # 2. classifier on the real held-out digits (their latents are also the captioning prompts)
@@ -175,7 +183,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     real = load_pixels([r["file"] for r in rows], size)
     with torch.no_grad():
         latents = torch.stack([gen.encode_image(str(r["file"])) for r in rows])
-        recon = torch.cat([decode_latents(gen.vae, latents[i:i + 100]) for i in range(0, len(latents), 100)])
+        recon = torch.cat([gen.decode_images(latents[i:i + 100]) for i in range(0, len(latents), 100)])
     clf, clf_report = train_classifier(features(real), labels, features(recon), s.cv_folds, s.seed)
     seconds["classifier"] = time.time() - t
 
@@ -183,7 +191,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     t = time.time()
     template, held_out = pick_template(paths["train"])
     gen_latents, gen_labels = generate_images(gen, template, s)
-    images = decode_latents(gen.vae, gen_latents)
+    images = gen.decode_images(gen_latents)
     img_pred = clf.predict(features(images))
     c2i = per_class(img_pred.tolist(), gen_labels) | {
         "template": template, "template_held_out": held_out,

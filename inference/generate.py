@@ -6,6 +6,10 @@ prefix and bidirectionally inside the image, with classifier-free guidance (cond
 one batch; uncond = BOS, BOI, patches); then EOI is appended and LM mode resumes. The prefix's
 keys/values are cached and reused by every diffusion step and LM step. Row r draws all its noise
 from a generator seeded with seed + r, so a row's output does not depend on the rest of the batch.
+
+With `model.image_representation: tokens` (the discrete baseline) an image is sampled token by
+token instead: after BOI, N = latent_size^2 ids restricted to the image-code range, with
+classifier-free guidance on the logits (same cond/uncond rows), decoded by the folder's VQModel.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ from model.config import DiffusionConfig
 from model.transfusion import TransfusionModel
 
 from .engine import Group, RowState
-from .images import VAEError, decode_latents, encode_image_file, save_grid, save_pngs
+from model.vq import decode_codes, encode_codes
+from model.vq import downsample as vq_downsample
+
+from .images import (
+    VAEError, decode_latents, encode_image_file, preprocess_image_file, save_grid, save_pngs, vae_resolution,
+)
 from .loading import InferenceFolderError, load_inference_model
 from .prompts import ImagePart, Prompt, PromptError, encode_prompt
-from .sampling import SamplerKind, guided_noise, make_sampler, sample_tokens
+from .sampling import SamplerKind, guided_logits, guided_noise, make_sampler, sample_tokens
 from .tokenizer import TextTokenizer, TokenizerError
 
 Mode = Literal["text", "image", "caption", "interleaved"]
@@ -71,7 +80,7 @@ class GenerationResult:
     """One row's output: sampled ids (a generated image shows as BOI, EOI) and the image latents."""
 
     tokens: list[int] = field(default_factory=list)
-    images: list[torch.Tensor] = field(default_factory=list)  # [C, h, w] fp32, scaled latents
+    images: list[torch.Tensor] = field(default_factory=list)  # [C, h, w] fp32 scaled latents, or [h, w] int64 VQ codes
     finish_reason: str = ""  # eos | length | context | image
     text: str | None = None  # decoded when there is a tokenizer; images as <|image|>
 
@@ -105,17 +114,40 @@ class TransfusionGenerator:
         model, cfg, tokenizer, vae = load_inference_model(folder, device, dtype)
         return cls(model, cfg.diffusion, tokenizer, vae)
 
+    @property
+    def tokens_mode(self) -> bool:
+        """Images are VQ codes read and written as tokens (model.image_representation: tokens)."""
+        return self.cfg.image_representation == "tokens"
+
     def encode_image(self, path: str) -> torch.Tensor:
-        """An image file -> latent [C, h, w] with this folder's VAE."""
+        """An image file -> latent [C, h, w] with this folder's VAE, or codes [h, w] with its VQ model."""
         if self.vae is None:
-            raise PromptError(f"image '{path}' needs a VAE and the model folder has none; pass a latent instead")
+            what = "VQ model" if self.tokens_mode else "VAE"
+            raise PromptError(f"image '{path}' needs a {what} and the model folder has none; pass a "
+                              f"{'code grid' if self.tokens_mode else 'latent'} instead")
+        if self.tokens_mode:
+            x = preprocess_image_file(path, self.image_resolution())[None]
+            with torch.no_grad():
+                return encode_codes(self.vae, x)[0].cpu()
         return encode_image_file(self.vae, path, self.cfg)
 
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [N, C, h, w] -> images [N, 3, H, W] in [0, 1]."""
+        """Latents [N, C, h, w] (or VQ codes [N, h, w]) -> images [N, 3, H, W] in [0, 1]."""
         if self.vae is None:
-            raise VAEError("decoding images needs a VAE; convert with --vae")
+            raise VAEError("decoding images needs a VQ model; convert with --vq" if self.tokens_mode
+                           else "decoding images needs a VAE; convert with --vae")
+        if self.tokens_mode:
+            with torch.no_grad():
+                return ((decode_codes(self.vae, latents).float() + 1) / 2).clamp(0, 1).cpu()
         return decode_latents(self.vae, latents)
+
+    def image_resolution(self) -> int:
+        """Pixel side of the model's images (from the VAE or VQ model's downsampling)."""
+        if self.vae is None:
+            raise VAEError("the image size needs the folder's VAE / VQ model")
+        if self.tokens_mode:
+            return self.cfg.latent_size * vq_downsample(self.vae)
+        return vae_resolution(self.vae, self.cfg)
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -133,7 +165,11 @@ class TransfusionGenerator:
             if any(r.status == TEXT for r in runs):
                 self._decode_text([r for r in runs if r.status == TEXT], cfg)
             elif any(r.status == IMAGE for r in runs):
-                self._generate_images([r for r in runs if r.status == IMAGE], cfg)
+                image_runs = [r for r in runs if r.status == IMAGE]
+                if self.tokens_mode:
+                    self._generate_image_tokens(image_runs, cfg)
+                else:
+                    self._generate_images(image_runs, cfg)
             else:
                 break
         for r in runs:
@@ -196,6 +232,8 @@ class TransfusionGenerator:
         room = len(r.row) + self.cfg.patches_per_image + 2 <= self.cfg.max_seq_len
         if r.images_made >= cfg.image_budget() or not room:
             banned.append(t.boi)
+        if self.tokens_mode:  # image codes only inside BOI ... EOI
+            banned.extend(range(*self.cfg.image_token_range))
         return banned
 
     def _decode_text(self, runs: list[_Run], cfg: GenerationConfig) -> None:
@@ -257,6 +295,51 @@ class TransfusionGenerator:
                 r.status, r.result.finish_reason = DONE, "image"
             else:
                 self._after_token(r, cfg)
+
+    def _generate_image_tokens(self, runs: list[_Run], cfg: GenerationConfig) -> None:
+        """Token mode for rows whose next token is BOI: N codes each, sampled from the code range with
+        CFG on the logits (uncond rows: BOS, BOI, the same codes), batched; then EOI."""
+        t, N = self.cfg.tokens, self.cfg.patches_per_image
+        lo, hi = self.cfg.image_token_range
+        rows = [r.row for r in runs]
+        for r in runs:
+            r.row.add_tokens([t.boi])
+            if r.result.tokens[-1:] != [t.boi]:  # BOI came from the prompt: record it like a sampled one
+                r.result.tokens.append(t.boi)
+        uncond: list[RowState] = []
+        if self._needs_uncond(cfg):  # the caption-dropout document: BOS, BOI, codes
+            uncond = [RowState() for _ in runs]
+            for u in uncond:
+                u.add_tokens([t.bos])
+            self._feed(uncond, cfg)
+            for u in uncond:  # now in step with the cond rows: one unfed position (BOI) each
+                u.add_tokens([t.boi])
+        group = Group(self.model, rows + uncond, cfg.use_cache)
+        codes: list[list[int]] = [[] for _ in runs]
+        for k in range(N):
+            logits, _ = group.forward(append=True)  # [R (+R uncond), V]
+            logits = guided_logits(logits[:len(runs)], logits[len(runs):] if uncond else None, cfg.cfg_scale)
+            logits[:, :lo] = float("-inf")
+            logits[:, hi:] = float("-inf")
+            for i, tok in enumerate(sample_tokens(logits, [r.gen for r in runs], cfg.temperature, cfg.top_k, cfg.top_p)):
+                codes[i].append(tok - lo)
+                rows[i].add_tokens([tok])
+                if uncond:
+                    uncond[i].add_tokens([tok])
+        group.release()
+        s = self.cfg.latent_size
+        for i, r in enumerate(runs):
+            r.result.tokens.append(t.eoi)
+            r.result.images.append(torch.tensor(codes[i], dtype=torch.int64).reshape(s, s))
+            r.images_made += 1
+            r.next = t.eoi
+        if cfg.mode == "image":
+            for r in runs:
+                r.status, r.result.finish_reason = DONE, "image"
+            return
+        self._feed(rows, cfg)  # the last code, so the text after the image reads all of it
+        for r in runs:
+            self._after_token(r, cfg)
 
     def _needs_uncond(self, cfg: GenerationConfig) -> bool:
         """At scale 1 guidance is the conditional prediction, so the uncond rows are skipped."""

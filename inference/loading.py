@@ -6,6 +6,8 @@ A folder written by `inference.convert` holds
   model.safetensors                (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
   tokenizer.model                  (optional, sentencepiece)
   vae/                             (optional, diffusers AutoencoderKL save_pretrained folder; or referenced)
+  vq/                              (model.image_representation=tokens: the diffusers VQModel that turns
+                                    images into the codes the model reads and writes; "vq" in config.json)
 Tensor names are the plain TransfusionModel's state-dict names.
 """
 
@@ -49,6 +51,7 @@ class InferenceConfig:
     dtype: str = "fp32"  # dtype of the stored weights
     tokenizer: str | None = None  # path relative to the folder
     vae: str | None = None  # path relative to the folder (a copy or a reference)
+    vq: str | None = None  # tokens representation: the VQModel folder, relative like `vae`
     source: dict[str, Any] = field(default_factory=dict)  # where the weights came from
     folder: Path | None = None  # set when read from disk
 
@@ -56,7 +59,7 @@ class InferenceConfig:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(self.model),
             "diffusion": to_dict(self.diffusion), "dtype": self.dtype, "tokenizer": self.tokenizer,
-            "vae": self.vae, "source": self.source,
+            "vae": self.vae, "vq": self.vq, "source": self.source,
         }
 
     def resolve(self, relative: str | None) -> Path | None:
@@ -105,8 +108,8 @@ def read_config(folder: str | Path) -> InferenceConfig:
     except ConfigError as e:
         raise InferenceFolderError(f"{path}: {e}") from None
     return InferenceConfig(
-        model, diffusion, data["dtype"], data.get("tokenizer"), data.get("vae"), data.get("source", {}),
-        folder=folder.resolve(),
+        model, diffusion, data["dtype"], data.get("tokenizer"), data.get("vae"), data.get("vq"),
+        data.get("source", {}), folder=folder.resolve(),
     )
 
 
@@ -185,7 +188,9 @@ def load_inference_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
     load_tokenizer: bool = True, load_vae: bool = True,
 ) -> tuple[TransfusionModel, InferenceConfig, Any, Any]:
-    """Load (model in eval mode, config, tokenizer or None, VAE or None) from an inference folder.
+    """Load (model in eval mode, config, tokenizer or None, image autoencoder or None) from an inference folder.
+
+    The image autoencoder is the VAE, or with `model.image_representation: tokens` the VQModel.
 
     dtype None keeps the stored dtype ('fp32'/'bf16' or a torch dtype otherwise). The model is built
     on the meta device and takes the stored tensors directly, so no random init is paid for.
@@ -213,7 +218,17 @@ def load_inference_model(
         from .tokenizer import TextTokenizer
 
         tokenizer = TextTokenizer(_companion(cfg, cfg.tokenizer, "tokenizer"), cfg.model)
-    if load_vae and cfg.vae is not None:
+    if load_vae and cfg.model.image_representation == "tokens":
+        if cfg.vq is not None:
+            from model.vq import VQError, check_vq, load_vq
+
+            path = _companion(cfg, cfg.vq, "VQ model")
+            vae = load_vq(path, device)
+            try:
+                check_vq(vae, cfg.model.latent_size, cfg.model.image_codebook_size, str(path))
+            except VQError as e:
+                raise InferenceFolderError(str(e)) from None
+    elif load_vae and cfg.vae is not None:
         from .images import load_vae
 
         vae = load_vae(_companion(cfg, cfg.vae, "VAE"), cfg.model, device)

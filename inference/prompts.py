@@ -95,10 +95,24 @@ def _load_latent(part: ImagePart, cfg: ModelConfig, load_image: ImageLoader | No
         latent = load_image(part.path)
     else:
         raise PromptError("an ImagePart needs a latent or a path")
+    if cfg.image_representation == "tokens":
+        return _check_codes(latent, cfg)
     want = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     if tuple(latent.shape) != want:
         raise PromptError(f"a prompt image has latent shape {list(latent.shape)}; the model takes {list(want)}")
     return latent.detach().float().cpu()
+
+
+def _check_codes(codes: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A prompt image of a tokens-representation model: its VQ code grid [s, s], integer codes in range."""
+    s = cfg.latent_size
+    if codes.is_floating_point() or tuple(codes.shape) != (s, s):
+        raise PromptError(f"a prompt image must be a {s}x{s} grid of integer VQ codes for this model (it reads images "
+                          f"as tokens); got a {codes.dtype} tensor of shape {list(codes.shape)}")
+    codes = codes.detach().long().cpu()
+    if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < cfg.image_codebook_size):
+        raise PromptError(f"prompt image codes must lie in [0, {cfg.image_codebook_size}) (model.image_codebook_size)")
+    return codes
 
 
 def encode_prompt(

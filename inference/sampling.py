@@ -55,6 +55,14 @@ def make_sampler(
     return sched
 
 
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on next-token logits [R, V]: u + s * (c - u); the conditional logits alone
+    without u (scale 1 gives exactly the conditional logits either way)."""
+    if uncond is None or scale == 1.0:
+        return cond
+    return uncond + scale * (cond - uncond)
+
+
 def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Classifier-free guidance: eps_u + s * (eps_c - eps_u); the conditional prediction alone without eps_u."""
     if eps_uncond is None:

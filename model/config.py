@@ -47,6 +47,13 @@ class ModelConfig:
     # Attention among one image's patches: every patch sees the whole image (the paper), or only
     # the patches before it, like text (the paper's Table 5 ablation). Only the spans change.
     image_attention: Literal["bidirectional", "causal"] = "bidirectional"
+    # How an image enters the sequence: VAE latent patches trained with diffusion (the paper), or
+    # discrete VQ codes trained with the LM loss only (the Chameleon-style baseline). With `tokens`,
+    # an image is BOI, image_token_offset + code_k for the latent_size x latent_size code grid, EOI;
+    # the codes are ordinary vocabulary ids above the text vocabulary (vocab_size covers both).
+    image_representation: Literal["latent", "tokens"] = "latent"
+    image_token_offset: int = 0  # tokens only: vocabulary id of code 0 (the text vocabulary size)
+    image_codebook_size: int = 0  # tokens only: codes in the VQ codebook
     # U-Net codec: channels per resolution level, from the finest; the codec downsamples by 2
     # between levels, so the patch side equals 2 ** (len(unet_channels) - 1).
     unet_channels: list[int] = field(default_factory=lambda: [512, 1024])
@@ -70,7 +77,15 @@ class ModelConfig:
 
     @property
     def patches_per_image(self) -> int:
+        """Positions between BOI and EOI: latent patches, or (tokens) one VQ code per grid cell."""
+        if self.image_representation == "tokens":
+            return self.latent_size ** 2
         return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def image_token_range(self) -> tuple[int, int]:
+        """[first, end) vocabulary ids of the image codes (tokens representation)."""
+        return self.image_token_offset, self.image_token_offset + self.image_codebook_size
 
     def validate(self) -> None:
         require(self.vocab_size > 0, f"model.vocab_size must be positive, got {self.vocab_size}")
@@ -96,6 +111,17 @@ class ModelConfig:
                 f"model.tokens.{name}={value} is outside the vocabulary [0, {self.vocab_size})",
             )
         require(len(set(ids.values())) == len(ids), f"model.tokens ids must be distinct, got {ids}")
+        require(self.image_representation in ("latent", "tokens"),
+                f"model.image_representation must be latent or tokens, got {self.image_representation!r}")
+        if self.image_representation == "tokens":
+            lo, hi = self.image_token_range
+            require(self.image_codebook_size > 0, "model.image_representation=tokens needs model.image_codebook_size > 0 "
+                    "(the VQ model's num_vq_embeddings)")
+            require(lo > max(ids.values()), f"model.image_token_offset={lo} must lie above the special token ids "
+                    f"(max {max(ids.values())}); set it to the text vocabulary size")
+            require(hi <= self.vocab_size, f"model.image_token_offset={lo} + model.image_codebook_size="
+                    f"{self.image_codebook_size} = {hi} exceeds model.vocab_size={self.vocab_size}; "
+                    "vocab_size must cover text + codebook")
         if self.patch_codec == "unet":
             levels = len(self.unet_channels)
             require(levels >= 1, "model.unet_channels needs at least one level")

@@ -55,7 +55,7 @@ class StreamConfig:
     """One set of MDS shards written by data_prep/, or a Megatron-LM indexed dataset (kind: megatron)."""
 
     path: str  # local shard folder (with `remote`: the local cache folder); megatron: the .bin/.idx prefix
-    kind: Literal["image", "text", "megatron"]
+    kind: Literal["image", "text", "megatron", "image_tokens"]  # image_tokens: VQ codes (image_representation=tokens)
     proportion: float = 1.0  # share of sequence positions (tokens) drawn from this stream
     remote: str | None = None  # object-store URL of the shards, streamed into `path` (not for megatron)
     # kind: megatron only (trainer/megatron_corpus.py):
@@ -181,10 +181,15 @@ class Config:
         for name in ("text_fraction", "image_first_prob", "caption_dropout"):
             v = getattr(d, name)
             require(0 <= v <= 1, f"data.{name} must lie in [0, 1], got {v}")
+        require(d.source == "streaming" or m.image_representation == "latent", "model.image_representation=tokens "
+                "reads images from image_tokens shards: set data.source=streaming with a stream of kind image_tokens")
         if d.source == "streaming":
             require(bool(d.streams), "data.source=streaming needs at least one entry in data.streams")
             for i, st in enumerate(d.streams):
                 require(st.proportion > 0, f"data.streams[{i}].proportion must be positive, got {st.proportion}")
+                want = {"image": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
+                require(want == m.image_representation, f"data.streams[{i}] is a {st.kind} stream, which needs "
+                        f"model.image_representation={want} (got {m.image_representation})")
                 if st.kind == "megatron":
                     require(bool(st.tokenizer), f"data.streams[{i}].tokenizer: name what the Megatron corpus "
                             f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
@@ -252,6 +257,7 @@ class Config:
 PREPARE_COMMAND = {
     "image": "python -m data_prep.encode_latents --input IMAGES --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
     "text": "python -m data_prep.tokenize_text --input CORPUS --out {out} --tokenizer TOKENIZER.model",
+    "image_tokens": "python -m data_prep.encode_vq_tokens --input IMAGES --out {out} --vq VQ_DIR --tokenizer TOKENIZER.model",
 }
 
 

@@ -25,6 +25,9 @@ class ImageSegment:
 @dataclass
 class Document:
     segments: list[np.ndarray | ImageSegment] = field(default_factory=list)
+    # Never split across packed rows, like a document with an image (set for VQ-token images, which
+    # are plain ids to the packer but lose their caption when cut).
+    keep_whole: bool = False
 
     def num_positions(self, patches_per_image: int) -> int:
         """Sequence length of the document once images become BOI + patches + EOI."""
@@ -85,3 +88,24 @@ class DocumentBuilder:
             image = ImageSegment(latent, max_t=min(r.image_first_max_t, r.num_timesteps))
             return Document([bos, image, np.concatenate([caption, eos])])
         return Document([np.concatenate([bos, caption]), ImageSegment(latent, max_t=r.num_timesteps), eos])
+
+    def image_tokens_caption(self, caption_ids: np.ndarray, image_ids: np.ndarray, rng: np.random.Generator) -> Document:
+        """A caption + discrete image pair (ids already offset into the vocabulary) -> a text-only document.
+
+        The image becomes `BOI, ids, EOI`, trained with the LM loss; the order and caption dropout
+        are drawn exactly as in `image_caption` (same two draws, same probabilities), so the two
+        representations see the same mix of caption-first, image-first and unconditional examples.
+        """
+        caption = np.asarray(caption_ids, dtype=np.int64)
+        t = self.tokens
+        image = np.concatenate([[t.boi], np.asarray(image_ids, dtype=np.int64), [t.eoi]])
+        bos, eos = np.array([t.bos], dtype=np.int64), np.array([t.eos], dtype=np.int64)
+        image_first = rng.random() < self.recipe.image_first_prob
+        dropped = rng.random() < self.recipe.caption_dropout
+        if dropped:
+            parts = [bos, image, eos]
+        elif image_first:
+            parts = [bos, image, caption, eos]
+        else:
+            parts = [bos, caption, image, eos]
+        return Document([np.concatenate(parts)], keep_whole=True)

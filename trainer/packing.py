@@ -123,7 +123,7 @@ class SequencePacker:
         flat = flatten_document(doc, self.P, self.tokens, self.image_attention)
         if len(flat) == 0:
             return
-        if flat.images:
+        if flat.images or doc.keep_whole:
             if len(flat) > self.seq_len:
                 raise ValueError(
                     f"a document with an image needs {len(flat)} positions but a row holds "

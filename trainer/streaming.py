@@ -28,6 +28,7 @@ import torch
 from streaming import StreamingDataset
 
 from data_prep.schema import SchemaError, check_index, draw_latent, sample_latents
+from model.config import ModelConfig
 from model.config_base import ConfigError
 
 from .config import Config, StreamConfig
@@ -52,6 +53,8 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
             f"data stream '{stream.path}' holds latents of shape {shape} but the model expects {want} "
             "(model.latent_channels, model.latent_size)"
         )
+    if stream.kind == "image_tokens":
+        check_token_info(stream, info, m)
     vocab = info.get("vocab_size")
     if vocab is not None and vocab > m.vocab_size:
         raise ConfigError(f"data stream '{stream.path}' uses a vocabulary of {vocab} > model.vocab_size={m.vocab_size}")
@@ -61,6 +64,20 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
             raise ConfigError(
                 f"data stream '{stream.path}' was tokenized with {name}={ids[name]} but model.tokens.{name}={value}"
             )
+
+
+def check_token_info(stream: StreamConfig, info: dict, m: ModelConfig) -> None:
+    """Image-token shards must match the model's codebook, code grid and token offset."""
+    codes, grid, vocab = info.get("codebook_size"), info.get("token_grid"), info.get("vocab_size")
+    if codes is not None and codes != m.image_codebook_size:
+        raise ConfigError(f"data stream '{stream.path}' holds codes of a {codes}-entry codebook but "
+                          f"model.image_codebook_size={m.image_codebook_size}")
+    if grid is not None and list(grid) != [m.latent_size, m.latent_size]:
+        raise ConfigError(f"data stream '{stream.path}' holds {grid[0]}x{grid[1]} codes per image but "
+                          f"model.latent_size={m.latent_size}")
+    if vocab is not None and vocab > m.image_token_offset:
+        raise ConfigError(f"data stream '{stream.path}' has a text vocabulary of {vocab} ids, so image codes must "
+                          f"start at model.image_token_offset >= {vocab} (got {m.image_token_offset})")
 
 
 def open_stream(stream: StreamConfig) -> StreamingDataset:
@@ -158,6 +175,10 @@ class StreamingSource:
             if sample["tokens"] is None:
                 return None
             return self.builder.text(np.asarray(sample["tokens"], dtype=np.int64), add_bos_eos=False)
+        if kind == "image_tokens":  # discrete baseline: BOI + offset codes + EOI, LM loss only
+            caption = np.asarray(sample["caption_ids"], dtype=np.int64)[: self.max_caption]
+            codes = np.asarray(sample["image_tokens"], dtype=np.int64) + self.cfg.model.image_token_offset
+            return self.builder.image_tokens_caption(caption, codes, rng)
         mean, std = sample_latents(sample)
         if self.sample_posterior:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
