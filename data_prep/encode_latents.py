@@ -37,23 +37,20 @@ if not __package__:  # run as a file (`python data_prep/encode_latents.py`): imp
 
 import argparse
 import logging
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import images, readers
-from .cli import local_abspath, parse_with_config, run_tool, setup_logging
+from .cli import local_abspath, parse_with_config, run_tool
+from .image_encoding import TOKENIZE_ERROR  # noqa: F401 - re-exported: the skip reason's home before image_encoding
+from .image_encoding import (CheckedImage, EncoderSetup, ImageChunkEncoder, build_encoder_parser, encode_images,
+                             grid_side, pad_batch, resolve_device)
 from .schema import image_columns, latents_to_storage, storage_to_tensor
-from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.encode_latents")
 NONFINITE = "nonfinite_latent"
-TOKENIZE_ERROR = "tokenize_error"
 
 
 class LatentEncoder:
@@ -62,9 +59,7 @@ class LatentEncoder:
     def __init__(self, vae_path: str, batch_size: int = 32, device: str = "auto", subfolder: str | None = None):
         from diffusers import AutoencoderKL
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if self.device.type == "cuda":  # same algorithms every run, so a resumed job matches bit for bit
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -86,18 +81,15 @@ class LatentEncoder:
                         "scaling_factor/shift_factor are)", vae_path)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        if resolution % self.downsample:
-            raise ValueError(f"--resolution {resolution} is not a multiple of the VAE's downsampling "
-                             f"factor {self.downsample}")
-        return (self.latent_channels, resolution // self.downsample, resolution // self.downsample)
+        """(C, h, w) of the latents of square images of `resolution` pixels."""
+        side = grid_side(resolution, self.downsample, "the VAE")
+        return (self.latent_channels, side, side)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, 3, R, R] in [-1, 1] -> scaled (mean, std), each fp32 [n, C, R/f, R/f] on the CPU."""
         n = x.shape[0]
-        if n < self.batch_size:  # fixed batch shape: per-image results do not depend on n
-            x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
-        x = x.to(self.device, non_blocking=True)
+        x = pad_batch(x, self.batch_size).to(self.device, non_blocking=True)  # fixed batch shape
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             dist = self.vae.encode(x).latent_dist  # parameters [B, 2C, h, w]
         mean, std = dist.mean[:n].float(), dist.std[:n].float()
@@ -106,193 +98,59 @@ class LatentEncoder:
         return (mean * self.scaling_factor).cpu(), (std * self.scaling_factor).cpu()
 
 
-@dataclass
-class _Good:
-    key: str
-    label: str  # key + location, for the report
-    renamed: bool
-    caption: str
-    ids: list[int]
-    pixels: torch.Tensor  # [3, R, R]
-    orig: tuple[int, int]  # (height, width)
-
-
-def _ordered_map(fn: Callable, items: Iterator, pool: ThreadPoolExecutor | None, inflight: int) -> Iterator:
-    """(item, future of fn(item)) in input order, with at most `inflight` pending."""
-    queue: deque[tuple[Any, Future]] = deque()
-    for item in items:
-        if pool is None:
-            f: Future = Future()
-            try:
-                f.set_result(fn(item))
-            except Exception as e:  # noqa: BLE001 - surfaced by f.result() in the consumer
-                f.set_exception(e)
-            yield item, f
-            continue
-        queue.append((item, pool.submit(fn, item)))
-        if len(queue) >= inflight:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
-class ChunkEncoder:
-    """The chunk processor: records -> checked captions -> decoded pixels -> latents -> MDS rows."""
+class ChunkEncoder(ImageChunkEncoder):
+    """The chunk processor writing each image's scaled posterior (mean, std) and original size."""
 
     def __init__(self, encoder: LatentEncoder, tokenizer: Tokenizer, resolution: int, min_size: int,
                  latent_dtype: str, decode_workers: int):
-        self.encoder, self.tokenizer = encoder, tokenizer
-        self.resolution, self.min_size, self.latent_dtype = resolution, min_size, latent_dtype
-        self.pool = ThreadPoolExecutor(decode_workers) if decode_workers > 0 else None
-        self.inflight = max(2 * encoder.batch_size, 4 * max(decode_workers, 1))
+        super().__init__(encoder, tokenizer, resolution, min_size, decode_workers)
+        self.latent_dtype = latent_dtype
 
-    def _decode(self, item: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
-        return images.load_image(item[3], self.resolution, self.min_size)  # item: (record, caption, ids, bytes)
-
-    def __call__(self, records: Iterator[readers.ImageRecord], writer: Any, stats: Stats,
-                 tick: Callable[[int], None]) -> None:
-        def checked() -> Iterator[tuple]:
-            for rec in records:
-                reason = rec.error or readers.caption_problem(rec.caption)
-                caption = (rec.caption or "").strip()
-                ids: list[int] = []
-                if reason is None:
-                    try:
-                        ids = self.tokenizer.encode(caption)
-                    except Exception as e:  # noqa: BLE001 - one caption sentencepiece rejects must not stop the job
-                        reason = TOKENIZE_ERROR
-                        log.warning("%s: caption not tokenizable (%s: %s)", rec.label(), type(e).__name__, e)
-                data = None
-                if reason is None:
-                    try:
-                        data = rec.read()  # in stream order, in this thread: tar/file handles are not shared
-                    except Exception as e:  # noqa: BLE001 - missing file, permission, network, bad tar member
-                        reason = images.UNREADABLE
-                        log.debug("%s unreadable: %s", rec.key, e)
-                if reason is not None:
-                    stats.skip(reason, rec.label())
-                    tick(1)
-                    continue
-                yield rec, caption, ids, data
-
-        batch: list[_Good] = []
-        for (rec, caption, ids, _), fut in _ordered_map(self._decode, checked(), self.pool, self.inflight):
-            try:
-                pixels, orig = fut.result()
-            except images.BadImage as e:
-                stats.skip(e.reason, rec.label())
-                tick(1)
-                continue
-            except Exception as e:  # noqa: BLE001 - an image that breaks preprocessing must not stop the job
-                log.warning("%s: unexpected %s while preprocessing: %s", rec.label(), type(e).__name__, e)
-                stats.skip(images.CORRUPT, rec.label())
-                tick(1)
-                continue
-            batch.append(_Good(rec.key, rec.label(), rec.renamed, caption, ids, pixels, orig))
-            if len(batch) == self.encoder.batch_size:
-                self._flush(batch, writer, stats, tick)
-                batch = []
-        if batch:
-            self._flush(batch, writer, stats, tick)
-
-    def _flush(self, batch: list[_Good], writer: Any, stats: Stats, tick: Callable[[int], None]) -> None:
+    def encode_batch(self, batch: list[CheckedImage]) -> list[dict[str, Any] | str]:
+        """Latent columns per image; images whose stored latents are not finite are skipped."""
         mean, std = self.encoder(torch.stack([g.pixels for g in batch]))  # [n, C, h, w] each
         mean_s = latents_to_storage(mean, self.latent_dtype)
         std_s = latents_to_storage(std, self.latent_dtype)
         finite = (storage_to_tensor(mean_s).isfinite().flatten(1).all(1)
                   & storage_to_tensor(std_s).isfinite().flatten(1).all(1))
-        for i, g in enumerate(batch):
-            if not finite[i]:  # e.g. fp16 overflow of a degenerate image
-                stats.skip(NONFINITE, g.label)
-                continue
-            writer.write({"key": g.key, "caption": g.caption, "caption_ids": np.asarray(g.ids, dtype=np.int32),
-                          "latent_mean": mean_s[i], "latent_std": std_s[i],
-                          "orig_size": np.asarray(g.orig, dtype=np.int32)})
-            stats.written += 1
-            stats.renamed += g.renamed
-        tick(len(batch))
+        return [{"latent_mean": mean_s[i], "latent_std": std_s[i], "orig_size": np.asarray(g.orig, dtype=np.int32)}
+                if finite[i] else NONFINITE  # e.g. fp16 overflow of a degenerate image
+                for i, g in enumerate(batch)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file of option: value defaults")
-    io = ap.add_argument_group("inputs and outputs")
-    io.add_argument("--input", nargs="+", required=True, help="manifest(s), tar shards, parquet files, globs or a folder")
-    io.add_argument("--format", default="auto", choices=["auto", "manifest", "tar", "parquet", "folder"])
-    io.add_argument("--out", required=True, help="output folder (gets one part-<rank>/ sub-folder per worker)")
-    io.add_argument("--vae", required=True, help="AutoencoderKL folder written by save_pretrained")
-    io.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a diffusers pipeline folder")
-    io.add_argument("--tokenizer", required=True, help="sentencepiece .model with our special tokens")
-    io.add_argument("--path-field", default="path", help="manifest field/column with the image path")
-    io.add_argument("--caption-field", default="caption", help="manifest field / tar .json field with the caption")
-    io.add_argument("--key-field", default="key", help="optional manifest field with a unique sample key")
-    io.add_argument("--image-column", default="image", help="parquet column with image bytes")
-    io.add_argument("--caption-column", default="caption", help="parquet column with the caption")
-    io.add_argument("--key-column", default=None, help="optional parquet column with a unique sample key")
-    pp = ap.add_argument_group("processing")
-    pp.add_argument("--resolution", type=int, default=256, help="square side after resize + center crop")
-    pp.add_argument("--min-size", type=int, default=None,
-                    help="skip images whose short side is below this (default: resolution/2)")
-    pp.add_argument("--batch-size", type=int, default=None,
-                    help="VAE batch, fixed (part of the output's identity); default 32 on CUDA, 4 on CPU "
-                         "(bigger CPU batches fall out of cache and run slower per image)")
-    pp.add_argument("--latent-dtype", default="float16", choices=["float16", "bfloat16"])
-    pp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    pp.add_argument("--decode-workers", type=int, default=2, help="threads decoding images (0: inline)")
-    pp.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    sc = ap.add_argument_group("scale-out and resume")
-    add_scaleout_args(sc, 4096, "records per resumable chunk (one MDS sub-folder; ~64 MB of 256px latents)",
-                      "MDS compression, e.g. zstd (latents compress poorly)")
-    return ap
+    """The command line (see the module docstring)."""
+    def model_args(io: argparse._ArgumentGroup) -> None:
+        io.add_argument("--vae", required=True, help="AutoencoderKL folder written by save_pretrained")
+        io.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a diffusers pipeline folder")
+
+    def processing_args(pp: argparse._ArgumentGroup) -> None:
+        pp.add_argument("--latent-dtype", default="float16", choices=["float16", "bfloat16"])
+
+    return build_encoder_parser(
+        __doc__, model_args, "VAE batch, fixed (part of the output's identity); default 32 on CUDA, 4 on CPU "
+                             "(bigger CPU batches fall out of cache and run slower per image)",
+        "records per resumable chunk (one MDS sub-folder; ~64 MB of 256px latents)",
+        "MDS compression, e.g. zstd (latents compress poorly)", processing_args)
+
+
+def load_encoder(args: argparse.Namespace) -> EncoderSetup:
+    """The VAE of `args` with what the shared driver needs to write its latents."""
+    encoder = LatentEncoder(args.vae, args.batch_size, args.device, args.vae_subfolder)
+    latent_shape = encoder.latent_shape(args.resolution)
+    settings = {"vae": local_abspath(args.vae), "vae_subfolder": args.vae_subfolder,
+                "scaling_factor": encoder.scaling_factor, "shift_factor": encoder.shift_factor,
+                "latent_shape": list(latent_shape), "latent_dtype": args.latent_dtype}
+    return EncoderSetup(
+        settings, image_columns(latent_shape, args.latent_dtype),
+        f"latents {latent_shape} {args.latent_dtype}; VAE on {encoder.device}", encoder.device,
+        lambda tokenizer, min_size: ChunkEncoder(encoder, tokenizer, args.resolution, min_size, args.latent_dtype,
+                                                 args.decode_workers))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns this worker's report."""
-    args = parse_with_config(build_parser(), argv)
-    setup_logging()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    rank, world = resolve_worker(args.rank, args.world_size)
-    min_size = args.resolution // 2 if args.min_size is None else args.min_size
-    tokenizer = Tokenizer(args.tokenizer)
-    if args.batch_size is None:
-        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        args.batch_size = 32 if cuda else 4
-    encoder = LatentEncoder(args.vae, args.batch_size, args.device, args.vae_subfolder)
-    latent_shape = encoder.latent_shape(args.resolution)
-    source = readers.image_source(
-        args.input, args.format, path_field=args.path_field, caption_field=args.caption_field,
-        key_field=args.key_field, image_column=args.image_column, caption_column=args.caption_column,
-        key_column=args.key_column)
-    all_units = source.units()
-    units = partition(all_units, rank, world)
-    settings = {
-        "kind": "image_caption", "inputs": [local_abspath(i) for i in args.input], "format": type(source).__name__,
-        "fields": [args.path_field, args.caption_field, args.key_field, args.image_column,
-                   args.caption_column, args.key_column],
-        "resolution": args.resolution, "min_size": min_size, "batch_size": args.batch_size,
-        "vae": local_abspath(args.vae), "vae_subfolder": args.vae_subfolder,
-        "scaling_factor": encoder.scaling_factor, "shift_factor": encoder.shift_factor,
-        "latent_shape": list(latent_shape), "latent_dtype": args.latent_dtype, "device": encoder.device.type,
-        "tokenizer": local_abspath(args.tokenizer), "special_tokens": tokenizer.special_tokens(),
-        "vocab_size": tokenizer.vocab_size, "caption_ids": "no BOS/EOS",
-    }
-    if isinstance(source, readers.ParquetSource) and not args.key_column:
-        settings["key_positions"] = "1-based"  # file:row keys; an output with older 0-based keys is not resumed
-    log.info("worker %d/%d: %d of %d input units; latents %s %s; VAE on %s", rank, world, len(units),
-             len(all_units), latent_shape, args.latent_dtype, encoder.device)
-    job = ShardJob(args.out, rank, world, args.chunk_size, image_columns(latent_shape, args.latent_dtype),
-                   settings, size_limit=args.shard_size_limit, compression=args.compression,
-                   overwrite=args.overwrite, throttle=args.throttle)
-    process = ChunkEncoder(encoder, tokenizer, args.resolution, min_size, args.latent_dtype, args.decode_workers)
-    try:
-        report = job.run(source.stream(units), process, total=source.count(units), unit="img")
-    finally:
-        if process.pool is not None:
-            process.pool.shutdown(cancel_futures=True)
-    if world == 1 and not args.no_merge:
-        merge_parts(args.out)
-    return report
+    return encode_images(parse_with_config(build_parser(), argv), log, "image_caption", load_encoder)
 
 
 def cli() -> None:

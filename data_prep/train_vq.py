@@ -22,41 +22,46 @@ if not __package__:  # run as a file (`python data_prep/train_vq.py`): import it
     __package__ = "data_prep"
 
 import argparse
-import json
 import logging
 import math
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from model.vq import build_vq, decode_codes, downsample, encode_codes
+from model.vq import decode_codes, downsample, encode_codes
 
+from .autoencoder_training import (Recipe, autoencoder_kwargs, build_trainer_parser, reconstruction_metrics,
+                                   train_autoencoder)
 from .cli import int_list, parse_with_config, run_tool, setup_logging
-from .train_vae import load_images
 
 log = logging.getLogger("data_prep.train_vq")
+
+
+def build_vq(resolution: int, block_out_channels: Sequence[int], embed_dim: int, codebook_size: int,
+             layers_per_block: int = 1, norm_num_groups: int | None = None, mid_attention: bool = True) -> Any:
+    """A fresh diffusers VQModel with 2**(len(block_out_channels)-1) downsampling."""
+    from diffusers import VQModel
+
+    return VQModel(**autoencoder_kwargs(resolution, block_out_channels, layers_per_block, norm_num_groups,
+                                        mid_attention),
+                   latent_channels=embed_dim, vq_embed_dim=embed_dim, num_vq_embeddings=codebook_size)
 
 
 @torch.no_grad()
 def evaluate(vq: Any, data: torch.Tensor, batch_size: int) -> dict[str, float]:
     """Reconstruction MSE / PSNR (on [0, 1] pixels) through the codes, and codebook usage."""
     vq.eval()
-    se, n, counts = 0.0, 0, torch.zeros(vq.config.num_vq_embeddings)
-    for i in range(0, len(data), batch_size):
-        x = data[i:i + batch_size]
+    counts = torch.zeros(vq.config.num_vq_embeddings)
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
         codes = encode_codes(vq, x)
-        counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts)).float()
-        rec = decode_codes(vq, codes).clamp(-1, 1)
-        se += F.mse_loss(rec.float().cpu(), x, reduction="sum").item()
-        n += x.numel()
-    mse = se / n  # on [-1, 1]; /4 on [0, 1]
+        counts.add_(torch.bincount(codes.flatten().cpu(), minlength=len(counts)).float())
+        return decode_codes(vq, codes)
+
+    metrics = reconstruction_metrics(reconstruct, data, batch_size)
     p = counts / counts.sum()
     perplexity = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
-    return {"mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
-            "codes_used": int((counts > 0).sum()), "perplexity": perplexity}
+    return {**metrics, "codes_used": int((counts > 0).sum()), "perplexity": perplexity}
 
 
 def restart_dead_codes(vq: Any, used: torch.Tensor, h: torch.Tensor, g: torch.Generator) -> int:
@@ -71,94 +76,75 @@ def restart_dead_codes(vq: Any, used: torch.Tensor, h: torch.Tensor, g: torch.Ge
     return len(dead)
 
 
+class VQRecipe(Recipe):
+    """VQModel: reconstruction through the quantizer + its codebook/commitment loss; dead codes re-seeded."""
+
+    name, report_file, term_format = "VQ", "train_vq_report.json", "vq %.4f"
+
+    def build(self) -> Any:
+        """A fresh VQModel for the options (ValueError when the resolution does not fit its downsampling)."""
+        a = self.args
+        vq = build_vq(a.resolution, int_list(a.block_out_channels), a.embed_dim, a.codebook_size,
+                      a.layers_per_block, a.norm_num_groups, not a.no_mid_attention)
+        f = downsample(vq)
+        if a.resolution % f:
+            raise ValueError(f"--resolution {a.resolution} is not a multiple of the downsampling factor {f}")
+        self.side = a.resolution // f
+        return vq
+
+    def output_shape(self) -> str:
+        """Code grid and codebook size."""
+        return f"{self.side}x{self.side} codes of {self.args.codebook_size}"
+
+    def start(self, model: Any, train_set: torch.Tensor, g: torch.Generator) -> None:
+        """Data-dependent init: codes start on encoder outputs, not far from all of them."""
+        self.used = torch.zeros(self.args.codebook_size, dtype=torch.bool)
+        self.restarted = 0
+        with torch.no_grad():
+            restart_dead_codes(model, self.used, model.encode(train_set[:512]).latents, g)
+
+    def loss_terms(self, model: Any, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+        """Decoded quantized latents; the quantizer's codebook + commitment loss."""
+        self.h = model.encode(x).latents  # [b, D, h, w]
+        quant, commit, (_, _, idx) = model.quantize(self.h)
+        self.used[idx.flatten()] = True
+        rec = model.decode(quant, force_not_quantize=True).sample
+        return rec, commit.mean(), commit.mean()
+
+    def after_step(self, model: Any, step: int, g: torch.Generator) -> None:
+        """Every --restart-every steps (in the first 80%), re-seed the codes unused since the last time."""
+        a = self.args
+        if a.restart_every and step % a.restart_every == 0 and step <= a.steps * 0.8:
+            self.restarted += restart_dead_codes(model, self.used, self.h, g)
+            self.used[:] = False
+
+    def finish(self, model: Any, train_set: torch.Tensor, val: torch.Tensor,
+               n_val: int) -> tuple[dict[str, Any], str, tuple]:
+        """Validation metrics and codebook usage."""
+        a, side = self.args, self.side
+        metrics = evaluate(model, val if n_val else train_set[:256], a.batch_size)
+        entries = {"codebook_size": a.codebook_size, "code_grid": [side, side], "codes_restarted": self.restarted,
+                   "val_mse": metrics["mse"], "val_psnr_db": metrics["psnr"], "val_codes_used": metrics["codes_used"],
+                   "val_code_perplexity": metrics["perplexity"]}
+        return entries, "%dx%d codes, val PSNR %.2f dB, %d/%d codes used", (
+            side, side, metrics["psnr"], metrics["codes_used"], a.codebook_size)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Load data, train, save; returns a summary dict (also written as train_vq_report.json)."""
-    torch.manual_seed(args.seed)
-    data, skipped = load_images(args.input, args.format, args.resolution, args.max_images, args.min_size)
-    n_val = min(max(len(data) // 20, 1), 256) if len(data) > 1 else 0
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-    val, train_set = data[perm[:n_val]], data[perm[n_val:]]
-    blocks = int_list(args.block_out_channels)
-    vq = build_vq(args.resolution, blocks, args.embed_dim, args.codebook_size, args.layers_per_block,
-                  args.norm_num_groups, not args.no_mid_attention)
-    f = downsample(vq)
-    if args.resolution % f:
-        raise ValueError(f"--resolution {args.resolution} is not a multiple of the downsampling factor {f}")
-    side = args.resolution // f
-    log.info("%d train / %d val images (skipped %s); VQ %.2fM params, %dx%d -> %dx%d codes of %d", len(train_set),
-             n_val, skipped or "none", sum(p.numel() for p in vq.parameters()) / 1e6, args.resolution,
-             args.resolution, side, side, args.codebook_size)
-    opt = torch.optim.AdamW(vq.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps))))))
-    g = torch.Generator().manual_seed(args.seed + 1)
-    used = torch.zeros(args.codebook_size, dtype=torch.bool)
-    with torch.no_grad():  # data-dependent init: codes start on encoder outputs, not far from all of them
-        restart_dead_codes(vq, used, vq.encode(train_set[:512]).latents, g)
-    t0, step, restarted = time.time(), 0, 0
-    vq.train()
-    for step in range(1, args.steps + 1):
-        x = train_set[torch.randint(len(train_set), (min(args.batch_size, len(train_set)),), generator=g)]
-        h = vq.encode(x).latents  # [b, D, h, w]
-        quant, commit, (_, _, idx) = vq.quantize(h)
-        used[idx.flatten()] = True
-        rec = vq.decode(quant, force_not_quantize=True).sample
-        rec_loss = F.mse_loss(rec, x) + args.l1_weight * F.l1_loss(rec, x)
-        loss = rec_loss + commit.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if args.restart_every and step % args.restart_every == 0 and step <= args.steps * 0.8:
-            restarted += restart_dead_codes(vq, used, h, g)
-            used[:] = False
-        if step % args.log_every == 0 or step == args.steps:
-            log.info("step %d/%d loss %.4f rec %.4f vq %.4f lr %.2e %.1fs", step, args.steps, loss.item(),
-                     rec_loss.item(), commit.mean().item(), sched.get_last_lr()[0], time.time() - t0)
-        if args.max_seconds and time.time() - t0 > args.max_seconds:
-            log.info("stopping at step %d: --max-seconds %s reached", step, args.max_seconds)
-            break
-    vq.eval()
-    metrics = evaluate(vq, val if n_val else train_set[:256], args.batch_size)
-    out = Path(args.out)
-    vq.save_pretrained(out)
-    summary = {"steps": step, "train_seconds": round(time.time() - t0, 1), "images": len(train_set),
-               "val_images": n_val, "skipped": skipped, "codebook_size": args.codebook_size,
-               "code_grid": [side, side], "codes_restarted": restarted, "val_mse": metrics["mse"],
-               "val_psnr_db": metrics["psnr"], "val_codes_used": metrics["codes_used"],
-               "val_code_perplexity": metrics["perplexity"], "final_loss": loss.item()}
-    (out / "train_vq_report.json").write_text(json.dumps(summary, indent=2))
-    log.info("saved %s: %dx%d codes, val PSNR %.2f dB, %d/%d codes used", out, side, side, metrics["psnr"],
-             metrics["codes_used"], args.codebook_size)
-    return summary
+    return train_autoencoder(args, VQRecipe(args), log)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file of option: value defaults")
-    ap.add_argument("--input", nargs="+", required=True, help="images: manifest, tar, parquet, folder")
-    ap.add_argument("--format", default="auto", choices=["auto", "manifest", "tar", "parquet", "folder"])
-    ap.add_argument("--out", required=True, help="folder for save_pretrained")
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--min-size", type=int, default=0, help="skip images with a smaller short side")
-    ap.add_argument("--block-out-channels", default="16,32,64", help="widths per level; levels-1 = log2(downsampling)")
-    ap.add_argument("--embed-dim", type=int, default=4, help="codebook vector size (small dims keep codes in use)")
-    ap.add_argument("--codebook-size", type=int, default=256)
-    ap.add_argument("--layers-per-block", type=int, default=1)
-    ap.add_argument("--norm-num-groups", type=int, default=None, help="default: largest of 32..1 dividing all widths")
-    ap.add_argument("--no-mid-attention", action="store_true", help="drop the attention in the mid block")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--l1-weight", type=float, default=0.0, help="weight of an extra L1 reconstruction term")
-    ap.add_argument("--restart-every", type=int, default=25, help="re-seed codes unused for this many steps (0: never)")
-    ap.add_argument("--max-images", type=int, default=100_000, help="images loaded into memory")
-    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop training after this long (0: no limit)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=50)
-    return ap
+    """The command line (see the module docstring)."""
+    return build_trainer_parser(__doc__, {
+        "--block-out-channels": [
+            ("--embed-dim", dict(type=int, default=4, help="codebook vector size (small dims keep codes in use)")),
+            ("--codebook-size", dict(type=int, default=256))],
+        "--l1-weight": [("--restart-every", dict(type=int, default=25,
+                                                 help="re-seed codes unused for this many steps (0: never)"))],
+    })
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

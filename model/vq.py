@@ -9,29 +9,13 @@ image side divided by 2 ** (len(block_out_channels) - 1).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 
 class VQError(ValueError):
     """A VQ model folder that is missing or does not fit the transformer's config."""
-
-
-def build_vq(resolution: int, block_out_channels: Sequence[int], embed_dim: int, codebook_size: int,
-             layers_per_block: int = 1, norm_num_groups: int | None = None, mid_attention: bool = True) -> Any:
-    """A fresh diffusers VQModel with 2**(len(block_out_channels)-1) downsampling."""
-    from diffusers import VQModel
-
-    if norm_num_groups is None:  # largest group count that divides every width
-        norm_num_groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in block_out_channels))
-    n = len(block_out_channels)
-    return VQModel(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, latent_channels=embed_dim, vq_embed_dim=embed_dim,
-        num_vq_embeddings=codebook_size, norm_num_groups=norm_num_groups, sample_size=resolution,
-        mid_block_add_attention=mid_attention)
 
 
 def load_vq(path: str | Path, device: str | torch.device = "cpu") -> Any:

@@ -10,24 +10,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from PIL import Image
 
 import inference.evaluate as ev
 from data_prep.embedded_default import TEMPLATES
 from model.transfusion import TransfusionModel
-from tests.conftest import REPO
-from trainer.config import load_config
+from tests.helpers import one_thread, save_checkpoint, tiny_run_config  # noqa: F401 (one_thread: autouse fixture)
 
 PER_CLASS = 3  # fake held-out digits per class
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +60,9 @@ def data(tmp_path_factory):
 def run(tmp_path_factory):
     """A randomly initialized tiny model (context 64) saved like the trainer saves it, plus metrics.jsonl."""
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        "logging.wandb=disabled", f"train.output_dir={out}", "model.max_seq_len=64", "train.seq_len=64",
-        "data.source=synthetic",
-    ])
+    cfg = tiny_run_config(out, 64, "data.source=synthetic")
     torch.manual_seed(0)
-    model = TransfusionModel(cfg.model)
-    ckpt = out / "checkpoints" / "step_00000005"
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
-    torch.save({"step": 5, "config": cfg.to_dict()}, ckpt / "train_state.pt")
+    save_checkpoint(out, 5, cfg, {"model": TransfusionModel(cfg.model).state_dict()})
     rows = [{"step": s, "loss": 9 - s, "lm_loss": 7 - s, "diffusion_loss": 0.4 - 0.05 * s, "grad_norm": 1.0,
              "lr": 1e-3, "tokens_per_s": 1000.0} for s in (1, 3, 5)]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

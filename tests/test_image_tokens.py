@@ -10,9 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from streaming import LocalDataset
-from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from data_prep import encode_vq_tokens, synthetic, train_vq
 from data_prep.images import load_image
@@ -21,17 +19,10 @@ from model.batch import IGNORE_INDEX
 from model.config_base import ConfigError
 from model.vq import decode_codes, encode_codes, load_vq
 from tests.conftest import REPO
+from tests.helpers import one_thread, tiny_run_config, train_and_checkpoint  # noqa: F401 (one_thread: autouse fixture)
 
 RES, GRID, CODES = 16, 8, 16  # 16 px images -> 8x8 codes of a 16-entry codebook
 SEQ = 128  # 32 caption tokens + 64 codes + 4 specials fit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +47,12 @@ def data(tmp_path_factory):
 
 
 def token_config(data, out, *extra: str):
-    from trainer.config import load_config
-
     v = data["text_vocab"]
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        "logging.wandb=disabled", f"train.output_dir={out}", f"model.max_seq_len={SEQ}", f"train.seq_len={SEQ}",
-        "train.batch_size=2", "train.device=cpu", "checkpoint.enabled=false", "model.image_representation=tokens",
-        f"model.vocab_size={v + CODES}", f"model.image_token_offset={v}", f"model.image_codebook_size={CODES}",
-        f"model.latent_size={GRID}", f"data.streams=[{{path: {data['shards']}, kind: image_tokens}}]", *extra])
+    return tiny_run_config(
+        out, SEQ, "train.batch_size=2", "train.device=cpu", "checkpoint.enabled=false",
+        "model.image_representation=tokens", f"model.vocab_size={v + CODES}", f"model.image_token_offset={v}",
+        f"model.image_codebook_size={CODES}", f"model.latent_size={GRID}",
+        f"data.streams=[{{path: {data['shards']}, kind: image_tokens}}]", *extra)
 
 
 def test_token_shards_pass_the_schema_and_round_trip(data):
@@ -135,18 +124,9 @@ def test_config_errors(data, tmp_path):
 def folder(data, tmp_path_factory):
     """A tokens-representation model trained 3 steps on the token shards, converted with its VQ model."""
     from inference.convert import convert_checkpoint
-    from trainer.data import build_loader
-    from trainer.train import Trainer
 
     out = tmp_path_factory.mktemp("tokens_run")
-    cfg = token_config(data, out)
-    trainer, loader = Trainer(cfg), build_loader(cfg)
-    for _ in range(3):
-        trainer.train_step([next(loader)])
-    ckpt = out / "checkpoints" / "step_00000003"
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
-    torch.save({"step": 3, "config": cfg.to_dict()}, ckpt / "train_state.pt")
+    _, _, ckpt = train_and_checkpoint(token_config(data, out), out, 3)
     with pytest.raises(ValueError, match="pass its VQ model"):
         convert_checkpoint(ckpt, out / "bad", vae=data["vq"])
     convert_checkpoint(ckpt, out / "inf", tokenizer=data["tok"], vq=data["vq"])

@@ -17,29 +17,14 @@ from safetensors.torch import load_file, save_file
 from inference.convert import convert_checkpoint, main as convert_main
 from inference.loading import InferenceFolderError, load_inference_model
 from model.diffusion import NoiseSchedule
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from tests.helpers import one_thread, tiny_run_config, train_and_checkpoint  # noqa: F401 (one_thread: autouse fixture)
 from trainer.config import load_config
-from trainer.data import build_loader
-from trainer.train import Trainer
-from tests.conftest import REPO
 
 SEQ = 64  # model.max_seq_len of the test model (an image takes 16 patches + BOI/EOI)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are far faster on one thread than split over two busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(out):
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        "logging.wandb=disabled", f"train.output_dir={out}", f"model.max_seq_len={SEQ}", f"train.seq_len={SEQ}",
-        "train.batch_size=2", "train.steps=2", "train.device=cpu", "data.source=synthetic",
-    ])
+    return tiny_run_config(out, SEQ, "train.batch_size=2", "train.steps=2", "train.device=cpu", "data.source=synthetic")
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +33,7 @@ def run(tmp_path_factory):
     from get_state_dict, plus train_state.pt with the config."""
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(out)
-    trainer = Trainer(cfg)
-    loader = build_loader(cfg)
-    for _ in range(2):
-        trainer.train_step([next(loader)])
-    ckpt = out / "checkpoints" / "step_00000002"
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt))
-    torch.save({"step": 2, "config": cfg.to_dict()}, ckpt / "train_state.pt")
+    trainer, loader, ckpt = train_and_checkpoint(cfg, out, 2)
     return {"cfg": cfg, "model": trainer.model.eval(), "ckpt": ckpt, "batch": next(loader)}
 
 
