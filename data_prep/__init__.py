@@ -7,7 +7,8 @@ Tools (each runs as `python -m data_prep.<name>`, `python data_prep/<name>.py` o
   encode_latents   images + captions -> MDS shards of VAE latent distributions + caption ids
   tokenize_text    text corpora -> MDS shards of token ids
   merge_index      one streaming index (and report) over all workers' parts
-  embedded_default the whole pipeline on data shipped inside PyPI packages (no network)
+The whole pipeline on data shipped inside PyPI packages (no network) is the embedded demo,
+`python -m examples.digits.prepare`, outside this package.
 
 The shard columns are defined once, in `data_prep.schema`, which also refuses (`check_index`) any
 shard set holding other columns or encodings before a sample is read. Input readers

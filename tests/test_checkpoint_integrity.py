@@ -25,7 +25,7 @@ from trainer.checkpoint_files import MANIFEST, digest_share, list_files, verify_
 from trainer.preemption import TrainingDiverged
 from trainer.train import Trainer, main, train
 
-PACKAGES = ("model", "kernels", "parallel", "trainer", "data_prep", "inference")
+PACKAGES = ("model", "kernels", "parallel", "trainer", "data_prep", "inference", "examples")
 
 
 def run_to(cfg, steps: int, interval: int = 2, keep_last: int = 5) -> list[Path]:

@@ -19,24 +19,26 @@ import sentencepiece as spm
 import torch
 from streaming import LocalDataset
 
-from data_prep import encode_latents, images, merge_index, synthetic, tokenize_text, train_vae
+from data_prep import encode_latents, images, merge_index, tokenize_text, train_vae
 from data_prep.schema import sample_latents
 from data_prep.sharding import resolve_worker
 from data_prep.tokenizer import Tokenizer, load_special_tokens
 from data_prep.train_tokenizer import extend_existing
+from examples import tiny_assets
+from tests.helpers import GOOD_KINDS, write_mixed_set
 
 RES = 16  # tiny VAE: 16x16 -> 4x8x8
 REPO = Path(__file__).resolve().parents[1]
 # Every data_prep module with a main is a tool a data engineer may run as `python data_prep/<tool>.py`.
 TOOLS = sorted(p.stem for p in (REPO / "data_prep").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
-assert {"train_tokenizer", "train_vae", "encode_latents", "tokenize_text", "merge_index", "embedded_default"} <= set(TOOLS)
+assert {"train_tokenizer", "train_vae", "encode_latents", "tokenize_text", "merge_index"} <= set(TOOLS)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tok = synthetic.make_tiny_tokenizer(root / "tok" / "tiny")
-    vae = synthetic.make_tiny_vae(root / "vae", resolution=RES)
+    tok = tiny_assets.make_tiny_tokenizer(root / "tok" / "tiny")
+    vae = tiny_assets.make_tiny_vae(root / "vae", resolution=RES)
     return {"tok": str(tok), "vae": str(vae), "root": root}
 
 
@@ -82,10 +84,10 @@ def test_extend_existing_tokenizer(assets, tmp_path):
         Tokenizer(tmp_path / "base.model")
 
 
-@pytest.mark.parametrize("kind", synthetic.GOOD_KINDS, ids=[k[0] for k in synthetic.GOOD_KINDS])
+@pytest.mark.parametrize("kind", GOOD_KINDS, ids=[k[0] for k in GOOD_KINDS])
 def test_preprocess_every_mode(kind):
     _, mode, fmt, (w, h) = kind
-    x, orig = images.load_image(synthetic.image_bytes(0, (w, h), mode, fmt), RES)
+    x, orig = images.load_image(tiny_assets.image_bytes(0, (w, h), mode, fmt), RES)
     assert x.shape == (3, RES, RES) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and orig == (h, w)
 
@@ -100,7 +102,7 @@ def test_transparent_pixels_become_white():
 
 
 def test_mixed_inputs_report_and_every_good_sample_once(assets, tmp_path):
-    mixed = synthetic.write_mixed_set(tmp_path / "in")
+    mixed = write_mixed_set(tmp_path / "in")
     report = encode(assets, [mixed["manifest"]], tmp_path / "out")
     assert report["skipped"] == mixed["bad"]
     assert report["written"] == len(mixed["good"])
@@ -127,7 +129,7 @@ def test_mixed_inputs_report_and_every_good_sample_once(assets, tmp_path):
 
 
 def test_partitioned_workers_merge_equals_one_worker(assets, tmp_path):
-    mixed = synthetic.write_mixed_set(tmp_path / "in")
+    mixed = write_mixed_set(tmp_path / "in")
     encode(assets, [mixed["manifest"]], tmp_path / "one")
     for rank in range(3):
         encode(assets, [mixed["manifest"]], tmp_path / "three", "--rank", str(rank), "--world-size", "3")
@@ -146,7 +148,7 @@ def test_partitioned_workers_merge_equals_one_worker(assets, tmp_path):
 
 
 def _good_set(n: int = 6) -> list[tuple[bytes, str]]:
-    return [(synthetic.image_bytes(i, (20 + i, 18), "RGB", "PNG"), synthetic.caption(i)) for i in range(n)]
+    return [(tiny_assets.image_bytes(i, (20 + i, 18), "RGB", "PNG"), tiny_assets.caption(i)) for i in range(n)]
 
 
 def test_all_input_formats_give_the_same_latents(assets, tmp_path):
@@ -253,7 +255,7 @@ def test_tokenize_text_formats_and_bad_lines(assets, tmp_path):
 def test_train_vae_from_yaml(tmp_path):
     (tmp_path / "imgs").mkdir()
     for i in range(6):
-        (tmp_path / "imgs" / f"{i}.png").write_bytes(synthetic.image_bytes(i, (20, 20)))
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(tiny_assets.image_bytes(i, (20, 20)))
     (tmp_path / "vae.yaml").write_text("resolution: 16\nblock_out_channels: [8, 16]\nlatent_channels: 4\n"
                                        "steps: 2\nbatch_size: 4\nlog_every: 1\n")
     summary = train_vae.main(["--config", str(tmp_path / "vae.yaml"), "--input", str(tmp_path / "imgs"),

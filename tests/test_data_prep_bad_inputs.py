@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 from streaming import LocalDataset
 
-from data_prep import encode_latents, merge_index, readers, synthetic, tokenize_text
+from data_prep import encode_latents, merge_index, readers, tokenize_text
 from data_prep.sharding import Stats
 from data_prep.text_readers import TextRecord
 from data_prep.tokenizer import Tokenizer
+from examples import tiny_assets
 
 RES = 16
 LONG = "a " * 70_000  # 140,000 characters: over the csv module's 131,072 field limit
-C = [synthetic.caption(i) for i in range(4)]  # the good captions
+C = [tiny_assets.caption(i) for i in range(4)]  # the good captions
 GARBAGE = b"this is text, not an image"
 # The same four bad captions in every format: over-long, not UTF-8, a lone surrogate (as JSON's escape
 # or as its UTF-8-style bytes, which strict UTF-8 rejects).
@@ -33,8 +34,8 @@ EXPECTED_SKIPS = {"caption_too_long": 1, "bad_utf8": 2, "corrupt_image": 1}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tok = synthetic.make_tiny_tokenizer(root / "tok" / "tiny")
-    vae = synthetic.make_tiny_vae(root / "vae", resolution=RES)
+    tok = tiny_assets.make_tiny_tokenizer(root / "tok" / "tiny")
+    vae = tiny_assets.make_tiny_vae(root / "vae", resolution=RES)
     return {"tok": str(tok), "vae": str(vae)}
 
 
@@ -51,7 +52,7 @@ def written(out) -> list[tuple[str, str]]:
 
 
 def png(i: int) -> bytes:
-    return synthetic.image_bytes(i, (20, 18))
+    return tiny_assets.image_bytes(i, (20, 18))
 
 
 def write_images(d: Path, names: list[str]) -> None:

@@ -16,8 +16,10 @@ import pytest
 import torch
 from streaming import LocalDataset
 
-from data_prep import encode_latents, images, synthetic
+from data_prep import encode_latents, images
 from data_prep.schema import latents_to_storage, unscale_latents
+from examples import tiny_assets
+from tests.helpers import write_mixed_set
 
 RES = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -26,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    tok = synthetic.make_tiny_tokenizer(root / "tok" / "tiny")
-    vae = synthetic.make_tiny_vae(root / "vae", resolution=RES)
-    mixed = synthetic.write_mixed_set(root / "in", n_good=22)
+    tok = tiny_assets.make_tiny_tokenizer(root / "tok" / "tiny")
+    vae = tiny_assets.make_tiny_vae(root / "vae", resolution=RES)
+    mixed = write_mixed_set(root / "in", n_good=22)
     return {"tok": str(tok), "vae": str(vae), "mixed": mixed, "root": root}
 
 

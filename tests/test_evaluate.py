@@ -1,4 +1,4 @@
-"""inference.evaluate end to end on a random tiny model, a random tiny VAE and fake held-out digits.
+"""examples.digits.evaluate end to end on a random tiny model, a random tiny VAE and fake held-out digits.
 
 Nothing is trained: the model is freshly initialized and saved in the trainer's checkpoint layout,
 so the accuracies are meaningless; the test checks the plumbing (conversion, classifier on real
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import inference.evaluate as ev
-from data_prep.embedded_default import TEMPLATES
+import examples.digits.evaluate as ev
+from examples.digits.prepare import TEMPLATES
 from model.transfusion import TransfusionModel
 from tests.helpers import one_thread, save_checkpoint, tiny_run_config  # noqa: F401 (one_thread: autouse fixture)
 
@@ -25,7 +25,7 @@ def data(tmp_path_factory):
     """An embedded-default-shaped data folder: raw/{train,heldout}, tokenizer, a random 16x16 VAE.
     The training captions use every template but the last, so the last one counts as held out."""
     import sentencepiece as spm
-    from data_prep.synthetic import make_tiny_vae
+    from examples.tiny_assets import make_tiny_vae
 
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
@@ -118,7 +118,7 @@ def test_errors_say_what_to_run(run, data, tmp_path, capsys):
     assert ev.main(["--run", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert ev.main(["--run", str(run), "--data", str(tmp_path / "nodata")]) == 2
-    assert "python -m data_prep.embedded_default" in capsys.readouterr().err
+    assert "python -m examples.digits.prepare" in capsys.readouterr().err
     (tmp_path / "empty_run").mkdir()
     assert ev.main(["--run", str(tmp_path / "empty_run"), "--data", str(data), "--out", str(tmp_path / "e")]) == 2
     assert "checkpoint" in capsys.readouterr().err

@@ -13,11 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import images, synthetic
+from data_prep import images
 from data_prep.encode_latents import LatentEncoder
+from examples import tiny_assets
 from inference.images import ImageFileError, encode_image_file, load_vae, preprocess_image_file
 from model.config import ModelConfig
 from tests.conftest import REPO
+from tests.helpers import GOOD_KINDS
 
 RES = 32  # the tiny VAE downsamples 2x: latents 4 x 16 x 16
 CFG = ModelConfig(latent_channels=4, latent_size=RES // 2)
@@ -25,7 +27,7 @@ CFG = ModelConfig(latent_channels=4, latent_size=RES // 2)
 
 def exif_rotated_jpeg() -> bytes:
     """A 60 x 36 JPEG whose EXIF says 'rotate 90 degrees' (displayed 36 x 60)."""
-    img = Image.open(io.BytesIO(synthetic.image_bytes(7, (60, 36))))
+    img = Image.open(io.BytesIO(tiny_assets.image_bytes(7, (60, 36))))
     exif = img.getexif()
     exif[images.ORIENTATION_TAG] = 6
     buf = io.BytesIO()
@@ -38,10 +40,10 @@ def image_files(tmp_path_factory):
     """Image files covering every decode path: modes, formats, alpha, EXIF rotation, up- and
     downscaling, and a JPEG large enough for the reduced-scale (draft) decode."""
     root = tmp_path_factory.mktemp("images")
-    blobs = {f"{name}.{fmt.lower()}": synthetic.image_bytes(i, size, mode, fmt)
-             for i, (name, mode, fmt, size) in enumerate(synthetic.GOOD_KINDS)}
-    blobs["wide_downscaled.png"] = synthetic.image_bytes(20, (97, 61))
-    blobs["large_draft.jpeg"] = synthetic.image_bytes(21, (320, 200), "RGB", "JPEG")
+    blobs = {f"{name}.{fmt.lower()}": tiny_assets.image_bytes(i, size, mode, fmt)
+             for i, (name, mode, fmt, size) in enumerate(GOOD_KINDS)}
+    blobs["wide_downscaled.png"] = tiny_assets.image_bytes(20, (97, 61))
+    blobs["large_draft.jpeg"] = tiny_assets.image_bytes(21, (320, 200), "RGB", "JPEG")
     blobs["rotated.jpeg"] = exif_rotated_jpeg()
     paths = []
     for name, data in blobs.items():
@@ -75,7 +77,7 @@ def test_same_latents_through_the_same_vae(image_files, tmp_path, batch_size):
     means: bit for bit at the same batch shape (1); encode_latents pads its batches to batch_size
     (4 is its CPU default), and the VAE's convolutions then sum in another order (~1e-7 apart,
     far below the float16 the shards store; the bilinear preprocessing was up to 0.18 apart)."""
-    vae_dir = synthetic.make_tiny_vae(tmp_path / "vae", resolution=RES, scaling_factor=0.7)
+    vae_dir = tiny_assets.make_tiny_vae(tmp_path / "vae", resolution=RES, scaling_factor=0.7)
     encoder = LatentEncoder(str(vae_dir), batch_size=batch_size, device="cpu")
     vae = load_vae(vae_dir, CFG)
     for path in image_files:

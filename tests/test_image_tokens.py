@@ -12,9 +12,10 @@ import pytest
 import torch
 from streaming import LocalDataset
 
-from data_prep import encode_vq_tokens, synthetic, train_vq
+from data_prep import encode_vq_tokens, train_vq
 from data_prep.images import load_image
 from data_prep.schema import SchemaError, check_index
+from examples import tiny_assets
 from model.batch import IGNORE_INDEX
 from model.config_base import ConfigError
 from model.vq import decode_codes, encode_codes, load_vq
@@ -29,12 +30,12 @@ SEQ = 128  # 32 caption tokens + 64 codes + 4 specials fit
 def data(tmp_path_factory):
     """Tokenizer, 12 captioned PNGs, a VQ model trained a few steps, and the token shards."""
     root = tmp_path_factory.mktemp("tokens")
-    tok = synthetic.make_tiny_tokenizer(root / "tok" / "tiny")
+    tok = tiny_assets.make_tiny_tokenizer(root / "tok" / "tiny")
     (root / "img").mkdir()
     with open(root / "manifest.jsonl", "w") as f:
         for i in range(12):
-            (root / "img" / f"{i}.png").write_bytes(synthetic.image_bytes(i, (20, 20)))
-            f.write(json.dumps({"key": f"k{i}", "path": f"img/{i}.png", "caption": synthetic.caption(i)}) + "\n")
+            (root / "img" / f"{i}.png").write_bytes(tiny_assets.image_bytes(i, (20, 20)))
+            f.write(json.dumps({"key": f"k{i}", "path": f"img/{i}.png", "caption": tiny_assets.caption(i)}) + "\n")
     report = train_vq.main(["--input", str(root / "manifest.jsonl"), "--out", str(root / "vq"), "--resolution",
                             str(RES), "--block-out-channels", "8,16", "--codebook-size", str(CODES), "--steps", "3",
                             "--batch-size", "4", "--restart-every", "2"])

@@ -57,7 +57,7 @@ def spm_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory):
     """A random tiny AutoencoderKL (2x downsampling: 8x8x4 latents <-> 16x16 RGB)."""
-    from data_prep.synthetic import make_tiny_vae
+    from examples.tiny_assets import make_tiny_vae
 
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
 

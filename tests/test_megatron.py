@@ -151,7 +151,7 @@ def test_sigkill_and_resume_continue_with_the_same_documents(data, tmp_path):
 def test_mds_to_megatron_to_mds_round_trip_is_identical(tmp_path):
     from streaming import StreamingDataset
 
-    from data_prep.synthetic import WORDS, make_tiny_tokenizer
+    from examples.tiny_assets import WORDS, make_tiny_tokenizer
     from data_prep.tokenize_text import main as tokenize
 
     tok = make_tiny_tokenizer(tmp_path / "tok")

