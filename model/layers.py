@@ -34,12 +34,19 @@ class KVCache:
     Inference only. A forward given a cache attends over the cached keys followed by the new ones
     (so kv_lo/kv_hi index that concatenation) and appends the new keys, unless `frozen` (diffusion
     steps re-run noisy patches against a fixed prefix). Keys are stored after RoPE.
+
+    Storage: per layer a preallocated buffer [B, capacity, H_kv, D]; `keys[name]` / `values[name]`
+    are views of its first S_cached positions. New positions are written after them (capacity grows
+    by half again or more), so appending a token or re-running an image's patches against a frozen prefix
+    copies only the new positions, never the prefix. Tensors assigned into `keys`/`values` from
+    outside (stacking, row selection) are adopted and copied into a buffer on the next write.
     """
 
     def __init__(self) -> None:
         self.keys: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.frozen = False
+        self._bufs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def length(self) -> int:
@@ -56,6 +63,31 @@ class KVCache:
         out.values = {n: fn(t) for n, t in self.values.items()}
         return out
 
+    def _buffers(self, name: str, k: torch.Tensor, v: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This layer's buffers with room for `needed` positions, holding the cached prefix; and its length."""
+        cached_k, cached_v = self.keys.get(name), self.values.get(name)
+        n_cached = 0 if cached_k is None else cached_k.shape[1]
+        buf = self._bufs.get(name)
+        owned = buf is not None and cached_k is not None and _is_prefix_of(cached_k, buf[0]) and _is_prefix_of(cached_v, buf[1])
+        if owned and buf[0].shape[1] >= needed and buf[0].shape[0] == k.shape[0]:
+            return buf[0], buf[1], n_cached
+        cap = max(16, needed + max(needed, 2 * n_cached) // 2)  # headroom: amortised O(1) appends
+        B, _, H, D = k.shape
+        bk = k.new_empty((B, cap, H, D))
+        bv = v.new_empty((B, cap, v.shape[2], v.shape[3]))
+        if n_cached:
+            bk[:, :n_cached] = cached_k
+            bv[:, :n_cached] = cached_v
+        self._bufs[name] = (bk, bv)
+        return bk, bv, n_cached
+
+
+def _is_prefix_of(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    """True when `view` is buf[:, :n] (same storage, offset and strides)."""
+    return (view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            and view.storage_offset() == buf.storage_offset() and view.stride() == buf.stride()
+            and view.shape[0] == buf.shape[0] and view.shape[2:] == buf.shape[2:])
+
 
 class LayerKVCache:
     """One layer's view of a KVCache."""
@@ -64,14 +96,17 @@ class LayerKVCache:
         self.cache, self.name = cache, name
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached + new keys and values [B, S_cached + S, H_kv, D]; stores them unless frozen."""
+        """Cached + new keys and values [B, S_cached + S, H_kv, D] (views of the layer's buffer);
+        stores them unless frozen (then the new positions are scratch, overwritten next call)."""
         c = self.cache
-        if self.name in c.keys:
-            k = torch.cat([c.keys[self.name], k], dim=1)
-            v = torch.cat([c.values[self.name], v], dim=1)
+        n = k.shape[1]
+        bk, bv, start = c._buffers(self.name, k, v, (c.keys[self.name].shape[1] if self.name in c.keys else 0) + n)
+        bk[:, start:start + n] = k
+        bv[:, start:start + n] = v
+        k_all, v_all = bk[:, :start + n], bv[:, :start + n]
         if not c.frozen:
-            c.keys[self.name], c.values[self.name] = k, v
-        return k, v
+            c.keys[self.name], c.values[self.name] = k_all, v_all
+        return k_all, v_all
 
 
 class Attention(nn.Module):

@@ -8,7 +8,6 @@ single-device PyTorch: parallelism is applied from outside (parallel/).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,10 +17,46 @@ from .layers import KVCache, TransformerBlock, rope_frequencies
 from .patch_codecs import Skips, build_patch_codecs
 
 
-@dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
-    noise_pred: torch.Tensor  # [N_img, C, h, w]
+    """What the network returns: final-normed hidden states, the LM head to read them with, and the
+    predicted noise of the images.
+
+    Logits are not computed in the forward: training reads the head at text-target positions only
+    (model/losses.py, chunked), inference at the positions it samples from (`logits_at`,
+    `last_logits`). `logits` (every position) is computed on first access, for callers that want
+    them all; an output built from precomputed logits (`ModelOutput(logits, noise_pred)`, e.g. a
+    pipeline's last stage) just holds them.
+    """
+
+    def __init__(
+        self, logits: torch.Tensor | None = None, noise_pred: torch.Tensor | None = None, *,
+        hidden: torch.Tensor | None = None, head: nn.Module | None = None,
+    ) -> None:
+        if logits is None and (hidden is None or head is None):
+            raise ValueError("ModelOutput needs logits, or hidden states and the LM head")
+        self._logits = logits
+        self.noise_pred = noise_pred  # [N_img, C, h, w]
+        self.hidden = hidden  # [B, S, d_model] after the final norm
+        self.head = head
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, S, V] logits of every position (computed once, on first access)."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    def logits_at(self, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] of the positions where mask [B, S] is True, in row-major order."""
+        if self._logits is not None:
+            return self._logits[mask]
+        return self.head(self.hidden[mask])
+
+    def last_logits(self) -> torch.Tensor:
+        """Logits [B, V] of each row's last position (what autoregressive sampling reads)."""
+        if self._logits is not None:
+            return self._logits[:, -1]
+        return self.head(self.hidden[:, -1:])[:, 0]
 
 
 class TransfusionModel(nn.Module):
@@ -63,11 +98,16 @@ class TransfusionModel(nn.Module):
         return h.masked_scatter(is_image[..., None], patches.to(h.dtype)), skips
 
     def decode(self, h: torch.Tensor, is_image: torch.Tensor, timesteps: torch.Tensor, skips: Skips) -> ModelOutput:
-        """Final norm, LM logits for every position and noise predictions for the images."""
+        """Final norm and noise predictions for the images; the LM head is applied by the reader
+        of the output (the loss at text targets only, inference where it samples)."""
         h = self.norm(h)
         # The patch decoder reads the image positions of h itself, so that parallel plans can hand
         # it the whole (gathered) sequence.
-        return ModelOutput(self.output(h), self.patch_decoder(h, is_image, timesteps, skips))
+        noise_pred = self.patch_decoder(h, is_image, timesteps, skips)
+        if getattr(self.output.weight, "ds_id", None) is not None:
+            # DeepSpeed ZeRO-3 gathers parameters only inside forward: read the head here.
+            return ModelOutput(self.output(h), noise_pred, hidden=h, head=self.output)
+        return ModelOutput(noise_pred=noise_pred, hidden=h, head=self.output)
 
     def forward(
         self,

@@ -1,5 +1,6 @@
 """The Transfusion network: size at 7B, gradient flow, loss placement, mask behaviour end to end."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -158,3 +159,83 @@ def test_batch_without_images_still_reaches_every_parameter(model_and_cfg):
     assert out.noise_pred.shape == empty.shape
     transfusion_loss(out, tokens, empty, 5.0).total.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _old_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The LM term as it was computed before chunking: fp32 copy of all logits, mean CE."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_chunked_lm_loss_equals_old_formula(model_and_cfg, dtype, chunk):
+    """Head on text targets only, chunked and checkpointed: same loss and gradients as full logits."""
+    from model.losses import lm_loss_sum
+
+    model, cfg = model_and_cfg
+    batch = small_batch(cfg)
+    noisy = batch.latents
+    t = torch.zeros(batch.num_images, dtype=torch.long)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    with ctx:
+        out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
+        n = int((batch.text_targets != -100).sum())
+        new = lm_loss_sum(out, batch.text_targets, chunk=chunk) / n
+    new_grads = torch.autograd.grad(new, [model.output.weight, model.layers["0"].attention.wq.weight])
+    with ctx:
+        out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
+        old = _old_lm_loss(out.logits, batch.text_targets)
+    old_grads = torch.autograd.grad(old, [model.output.weight, model.layers["0"].attention.wq.weight])
+    assert out.hidden.shape[:2] == batch.tokens.shape
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+    for a, b in zip(new_grads, old_grads):
+        # Under bf16 autocast weight gradients are rounded to bf16 per chunk (and summed over other rows).
+        atol = 1e-7 if dtype == "fp32" else 1e-2 * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+
+
+def test_logits_at_chosen_positions_match_full_logits(model_and_cfg):
+    model, cfg = model_and_cfg
+    batch = small_batch(cfg)
+    t = torch.zeros(batch.num_images, dtype=torch.long)
+    with torch.no_grad():
+        out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, batch.latents, t)
+        full = out.head(out.hidden)
+        torch.testing.assert_close(out.last_logits(), full[:, -1])
+        torch.testing.assert_close(out.logits_at(~batch.is_image), full[~batch.is_image])
+        assert out._logits is None  # nothing above computed every position's logits
+        torch.testing.assert_close(out.logits, full)
+
+
+def test_kv_cache_writes_only_new_positions():
+    """Appending and frozen (diffusion) steps write into a preallocated buffer: the prefix is never
+    copied again, buffers grow by doubling, and the returned keys equal the concatenation."""
+    from model.layers import KVCache
+
+    torch.manual_seed(0)
+    cache = KVCache()
+    layer = cache.layer("0")
+    prefix_k, prefix_v = torch.randn(2, 40, 2, 8), torch.randn(2, 40, 2, 8)
+    layer.extend(prefix_k, prefix_v)
+    cache.frozen = True
+    buf_ptr = None
+    for _ in range(3):  # denoising steps: same prefix, new noisy patches each time
+        nk, nv = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+        k, v = layer.extend(nk, nv)
+        torch.testing.assert_close(k, torch.cat([prefix_k, nk], 1))
+        torch.testing.assert_close(v, torch.cat([prefix_v, nv], 1))
+        buf_ptr = buf_ptr or k.data_ptr()
+        assert k.data_ptr() == buf_ptr == cache._bufs["0"][0].data_ptr()  # a view: the prefix is not copied
+    assert cache.length == 40
+    cache.frozen = False
+    allocations = set()
+    for i in range(200):  # token-by-token generation
+        layer.extend(torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))
+        allocations.add(cache._bufs["0"][0].data_ptr())
+    assert cache.length == 240 and len(allocations) <= 5
+    torch.testing.assert_close(cache.keys["0"][:, :40], prefix_k)
+    # A tensor assigned from outside (stacking / row selection) is adopted and copied on the next write.
+    sub = cache.map(lambda t: t[1:2, 10:])
+    k, _ = sub.layer("0").extend(torch.ones(1, 1, 2, 8), torch.ones(1, 1, 2, 8))
+    torch.testing.assert_close(k[:, :-1], cache.keys["0"][1:2, 10:])
+    assert cache.length == 240 and sub.length == 231
