@@ -112,3 +112,21 @@ def test_step_loss_is_the_mean_over_all_tokens_and_images_of_its_micro_batches(t
     lm_means, diffusion_means = (ce[0] / texts[0] + ce[1] / texts[1]) / 2, (mse[0] / images[0] + mse[1] / images[1]) / 2
     assert abs(lm_means - result.lm_loss) > 10 * 1e-5 * result.lm_loss
     assert abs(diffusion_means - result.diffusion_loss) > 10 * 1e-5 * result.diffusion_loss
+
+
+def test_logs_report_model_flops_and_mfu(tiny_cfg):
+    """Achieved model TFLOP/s = the step's model FLOPs (parallel/plan_flops.py) over the window's
+    seconds; MFU divides by the GPUs' peak (given on CUDA, absent on CPU)."""
+    from parallel.plan_flops import step_model_flops
+    from trainer.metrics import window_summary
+
+    tiny_cfg.train.steps = 2
+    history = train(tiny_cfg)
+    assert all(h["model_flops"] > 0 for h in history)
+    first = next(build_loader(tiny_cfg))
+    assert history[0]["model_flops"] == step_model_flops(tiny_cfg.model, [first])
+    logged = json.loads((tiny_cfg.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["model_tflops_per_s"] > 0 and "mfu" not in logged  # CPU: no peak to divide by
+    rows = [{**h, "step_s": 2.0, "model_flops": 3e12} for h in history]
+    summary = window_summary(rows, peak_flops=6e12)
+    assert summary["model_tflops_per_s"] == 1.5 and summary["mfu"] == 0.25

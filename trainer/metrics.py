@@ -22,12 +22,22 @@ from .redact import redact
 MEANS = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "step_s")
 
 
-def window_summary(rows: list[dict[str, float]]) -> dict[str, float]:
-    """One logged row for the per-step `rows` since the last log line (see the module docstring)."""
+def window_summary(rows: list[dict[str, float]], peak_flops: float | None = None) -> dict[str, float]:
+    """One logged row for the per-step `rows` since the last log line (see the module docstring).
+
+    Achieved model TFLOP/s over the window (model FLOPs as parallel/plan_flops.py counts them, no
+    recompute), and with `peak_flops` (all GPUs' dense bf16 peak) the MFU.
+    """
     seconds = sum(r["step_s"] for r in rows)
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in rows)
-    return {**{k: sum(r[k] for r in rows) / len(rows) for k in MEANS},
-            "lr": rows[-1]["lr"], "tokens_per_s": tokens / seconds, "tokens_seen": rows[-1]["tokens_seen"]}
+    out = {**{k: sum(r[k] for r in rows) / len(rows) for k in MEANS},
+           "lr": rows[-1]["lr"], "tokens_per_s": tokens / seconds, "tokens_seen": rows[-1]["tokens_seen"]}
+    if all("model_flops" in r for r in rows):
+        achieved = sum(r["model_flops"] for r in rows) / seconds
+        out["model_tflops_per_s"] = achieved / 1e12
+        if peak_flops:
+            out["mfu"] = achieved / peak_flops
+    return out
 
 
 class MetricsLogger:

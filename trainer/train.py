@@ -27,6 +27,8 @@ from model.config_base import ConfigError
 from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.grad_clip import clip_grad_norm
 from parallel.parallelize import ParallelModel, parallelize
+from parallel.plan_flops import step_model_flops
+from parallel.plan_hardware import gpu_for_device_name
 
 from .checkpoint import Checkpointer, UnsafeToSave, data_parallel_states, resume_checkpoint
 from .config import Config, load_config
@@ -300,6 +302,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
         n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
         start = f"resuming at step {trainer.step} from {resume_from}" if resume_from else "starting"
         print(f"model: {n}on {env.device} x {env.dims.world_size} ({env.dims}); {start}; {cfg.train.steps} steps")
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+    peak_flops = gpu.bf16_flops * env.dims.world_size if gpu is not None else None  # for MFU
     preemption = PreemptionWatcher()
     history: list[dict[str, float]] = []
     last_ckpt: Path | None = None
@@ -319,7 +323,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
     try:
         while trainer.step < cfg.train.steps:
             t0 = time.perf_counter()
-            result = trainer.train_step(_micro_batches(loader, cfg.train.grad_accum))
+            batches = _micro_batches(loader, cfg.train.grad_accum)
+            result = trainer.train_step(batches)
             dt = time.perf_counter() - t0
             step = trainer.step
             if result.skipped:
@@ -339,10 +344,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
                 "grad_norm": result.grad_norm, "lr": result.lr,
                 "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": tokens_seen, "step_s": dt,
+                "model_flops": step_model_flops(cfg.model, batches) * env.dims.dp,  # the global step's
             }
             history.append(metrics)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                logger.log(step, window_summary(history[logged:]))
+                logger.log(step, window_summary(history[logged:], peak_flops))
                 logged = len(history)
             preempted = preemption.requested()
             if ck.enabled and (preempted or (ck.interval and step % ck.interval == 0) or step == cfg.train.steps):
