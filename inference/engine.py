@@ -198,7 +198,7 @@ class Group:
         if append:
             for r in rows:
                 r.n_fed = len(r)
-        return out.logits[:, -1].float(), out.noise_pred[lay.new_images].float()
+        return out.last_logits().float(), out.noise_pred[lay.new_images].float()
 
     def release(self) -> None:
         """Hand each row its own (unpadded) slice of the stacked cache."""
