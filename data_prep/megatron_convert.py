@@ -101,11 +101,11 @@ def to_mds(args: argparse.Namespace) -> dict:
 
 def from_mds(args: argparse.Namespace) -> dict:
     """MDS text shards -> one Megatron prefix, written with megatron-core's IndexedDatasetBuilder."""
+    check_index(args.shards, kind="text")  # before anything can decode a sample
+    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from streaming import StreamingDataset
-    import torch
 
-    check_index(args.shards, kind="text")
     info_path = Path(args.shards) / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     bos = (info.get("special_tokens") or {}).get("bos")

@@ -154,3 +154,16 @@ def test_remote_stream_is_checked_once_its_index_is_cached(tmp_path):
                       [image_sample(0, extra="x")])
     with pytest.raises(ConfigError, match=r"unexpected column 'extra'"):
         open_stream(StreamConfig(path=str(tmp_path / "cache2"), kind="image", remote=str(other)))
+
+
+def test_megatron_export_refuses_a_pickled_text_column(tmp_path):
+    """data_prep.megatron_convert from-mds reads shards too: the same one-line refusal, no marker."""
+    pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    marker = tmp_path / "marker"
+    shards = write_set(tmp_path / "text", {"key": "str", "tokens": "pkl"},
+                       [{"key": "a", "tokens": CreatesFileWhenUnpickled(marker)}])
+    proc = subprocess.run([sys.executable, str(REPO / "data_prep" / "megatron_convert.py"), "from-mds", str(shards),
+                           "--prefix", str(tmp_path / "out" / "doc")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "column 'tokens' has encoding 'pkl'" in one_line(proc.stderr)
+    assert not marker.exists() and not (tmp_path / "out" / "doc.bin").exists()
