@@ -51,6 +51,13 @@ def register_backend(
     _AUTO_ORDER.insert(priority, name)
 
 
+def unregister_backend(name: str) -> None:
+    """Remove a backend added with register_backend (e.g. a tool's stand-in, when the tool is done)."""
+    _BACKENDS.pop(name, None)
+    if name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(name)
+
+
 def backend_unavailable(
     name: str, q: torch.Tensor, kv_lo: torch.Tensor | None = None, kv_hi: torch.Tensor | None = None
 ) -> str | None:

@@ -13,8 +13,10 @@ Fake tensors carry shapes and no data, so three things need help to run the proj
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 import torch.distributed._tools.fake_collectives  # noqa: F401  (fake impls of c10d ops)
-from kernels.dispatch import register_backend
+from kernels.dispatch import register_backend, unregister_backend
 from kernels.spans import key_block_bounds, query_block_bounds
 from kernels.triton_span import default_blocks
 
@@ -223,11 +225,19 @@ CURRENT_WORK: list[AttentionWork] = []
 
 
 def plan_span_attention(q, k, v, kv_lo, kv_hi, scale=None):  # noqa: ANN001, ANN201
-    """The `plan` attention backend (registered below)."""
+    """The `plan` attention backend (registered only while a planned step runs: `plan_attention`)."""
     return _PlanAttention.apply(q, k, v, kv_lo, kv_hi, CURRENT_WORK[-1] if CURRENT_WORK else None)
 
 
-register_backend("plan", plan_span_attention, lambda q, kv_lo=None, kv_hi=None: None, 99, ("meta",))
+@contextlib.contextmanager
+def plan_attention() -> Iterator[None]:
+    """Make the `plan` backend nameable for the duration of a planned step, then remove it, so the
+    trainer's registry (and `auto`'s order) never holds the planner's stand-in."""
+    register_backend("plan", plan_span_attention, lambda q, kv_lo=None, kv_hi=None: None, 99, ("meta",))
+    try:
+        yield
+    finally:
+        unregister_backend("plan")
 
 
 # ---------------------------------------------------------------------------------------------

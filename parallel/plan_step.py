@@ -45,7 +45,7 @@ from .grad_clip import clip_grad_norm
 from .parallelize import parallelize
 from .plan_flops import batch_flops
 from .plan_hardware import GPU, GPUS_PER_NODE
-from .plan_runtime import CURRENT_WORK, AttentionWork, Counter, RealShadow, group_dims, to_fake
+from .plan_runtime import CURRENT_WORK, AttentionWork, Counter, RealShadow, group_dims, plan_attention, to_fake
 from .pipeline import SCHEDULES, stage_ids_for_rank
 
 MEMORY_GROUPS = {
@@ -200,7 +200,8 @@ def run_rank(cfg: Config, rank: int, gpu: GPU, attention: str = "plan") -> RankR
     cfg.parallel = dataclasses.replace(p, meta_init=False, compile=False)
     dist.init_process_group("fake", rank=rank, world_size=dims.world_size, store=FakeStore())
     try:
-        return _run(cfg, dims, rank, gpu, t0)
+        with plan_attention() if attention == "plan" else contextlib.nullcontext():
+            return _run(cfg, dims, rank, gpu, t0)
     finally:
         dist.destroy_process_group()
 
