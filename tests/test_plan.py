@@ -150,8 +150,8 @@ def test_sweep_ranks_layouts_and_writes_json(tmp_path):
 
 
 SEVEN_B = {
-    "fsdp128": ["parallel.dp_shard=-1"],
-    "hsdp8x16": ["parallel.dp_replicate=8", "parallel.dp_shard=16"],
+    "fsdp128": ["parallel.tp=1", "parallel.dp_shard=-1"],  # explicit tp: configs/7b.yaml's default is tp=2
+    "hsdp8x16": ["parallel.tp=1", "parallel.dp_replicate=8", "parallel.dp_shard=16"],
     "tp8_fsdp16": ["parallel.tp=8", "parallel.dp_shard=16"],
     "tp4_pp4_1f1b_fsdp8": ["parallel.tp=4", "parallel.pp=4", "parallel.pp_schedule=1f1b", "parallel.dp_shard=8"],
     "tp4_pp4_interleaved_fsdp8": ["parallel.tp=4", "parallel.pp=4", "parallel.pp_schedule=interleaved_1f1b",
