@@ -9,6 +9,7 @@ term, any per-step upkeep, and what its report adds.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import logging
@@ -74,7 +75,7 @@ def reconstruction_metrics(reconstruct: Callable[[torch.Tensor], torch.Tensor], 
     return {"mse": mse, "psnr": 10 * math.log10(4.0 / max(mse, 1e-12))}
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """One autoencoder's part of the shared training: model, loss term, upkeep and report entries."""
 
     name = ""  # in the first log line, e.g. "VAE"
@@ -84,29 +85,29 @@ class Recipe:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
 
+    @abc.abstractmethod
     def build(self) -> Any:
         """A fresh model for `self.args` (ValueError when the options do not fit together)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def output_shape(self) -> str:
         """What an image becomes, for the first log line, e.g. '8x8x4'."""
-        raise NotImplementedError
 
     def start(self, model: Any, train_set: torch.Tensor, g: torch.Generator) -> None:
         """Called once before the first step."""
 
+    @abc.abstractmethod
     def loss_terms(self, model: Any, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
         """(reconstruction of x, the model's term added to the loss, the value logged for it)."""
-        raise NotImplementedError
 
     def after_step(self, model: Any, step: int, g: torch.Generator) -> None:
         """Called after each optimizer and scheduler step."""
 
+    @abc.abstractmethod
     def finish(self, model: Any, train_set: torch.Tensor, val: torch.Tensor,
                n_val: int) -> tuple[dict[str, Any], str, tuple]:
         """After training (model in eval mode): (report entries, saved-line format, its arguments)."""
-        raise NotImplementedError
 
 
 def train_autoencoder(args: argparse.Namespace, recipe: Recipe, log: logging.Logger) -> dict:

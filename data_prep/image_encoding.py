@@ -9,6 +9,7 @@ chunk processor) and `EncoderSetup` (the job settings, columns and log line) car
 
 from __future__ import annotations
 
+import abc
 import argparse
 import logging
 from collections import deque
@@ -85,7 +86,7 @@ def _ordered_map(fn: Callable, items: Iterator, pool: ThreadPoolExecutor | None,
         yield queue.popleft()
 
 
-class ImageChunkEncoder:
+class ImageChunkEncoder(abc.ABC):
     """The chunk processor: records -> checked captions -> decoded pixels -> encoded batches -> MDS rows."""
 
     def __init__(self, encoder: Any, tokenizer: Tokenizer, resolution: int, min_size: int, decode_workers: int):
@@ -94,9 +95,9 @@ class ImageChunkEncoder:
         self.pool = ThreadPoolExecutor(decode_workers) if decode_workers > 0 else None
         self.inflight = max(2 * encoder.batch_size, 4 * max(decode_workers, 1))
 
+    @abc.abstractmethod
     def encode_batch(self, batch: list[CheckedImage]) -> list[dict[str, Any] | str]:
         """Per image of `batch`, its encoded columns for the row, or the reason it is skipped."""
-        raise NotImplementedError
 
     def _decode(self, item: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
         return images.load_image(item[3], self.resolution, self.min_size)  # item: (record, caption, ids, bytes)

@@ -169,22 +169,22 @@ def convert_checkpoint(
         shutil.copyfile(tokenizer, out / TOKENIZER_NAME)
         cfg.tokenizer = TOKENIZER_NAME
     if vae is not None:
-        if vae_mode == "copy":
-            shutil.copytree(vae, out / VAE_DIR)
-            cfg.vae = VAE_DIR
-        else:
-            cfg.vae = os.path.relpath(Path(vae).resolve(), out.resolve())
+        cfg.vae = _attach_folder(vae, out, VAE_DIR, vae_mode)
     if vq is not None:
-        if vae_mode == "copy":
-            shutil.copytree(vq, out / VQ_DIR)
-            cfg.vq = VQ_DIR
-        else:
-            cfg.vq = os.path.relpath(Path(vq).resolve(), out.resolve())
+        cfg.vq = _attach_folder(vq, out, VQ_DIR, vae_mode)
     write_config(out, cfg)  # last: a folder without config.json is an unfinished conversion
     if hf_llama is not None:
         export_hf_llama(state, model_cfg, hf_llama, max_shard_size, tokenizer)
     cfg.folder = out.resolve()
     return cfg
+
+
+def _attach_folder(src: str | Path, out: Path, name: str, mode: str) -> str:
+    """Copy the model folder `src` into out/name ("copy"), or reference it; the path config.json stores."""
+    if mode == "copy":
+        shutil.copytree(src, out / name)
+        return name
+    return os.path.relpath(Path(src).resolve(), out.resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:

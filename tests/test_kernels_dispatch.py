@@ -125,23 +125,9 @@ def test_document_causal_detection_and_cu_seqlens():
 def test_flash_layout_round_trip_with_a_stand_in_flash_attn(monkeypatch):
     """flash_span_attention's gather / cu_seqlens / scatter vs the reference, with a CPU stand-in
     for flash_attn_varlen_func (causal attention inside each cu_seqlens segment)."""
-    import types
-
-    import torch.nn.functional as F
-
     from kernels import flash
 
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
-        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-        out = torch.empty_like(q)  # [N, H, D]
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # [H, L, D]
-            out[a:b] = F.scaled_dot_product_attention(
-                *seg, is_causal=True, scale=softmax_scale, enable_gqa=True).transpose(0, 1)
-        return out
-
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
-    monkeypatch.setattr(flash, "flash_unavailable", lambda q, lo=None, hi=None: None)
+    _stand_in_flash_attn(monkeypatch)
     S = 24
     lo, hi = spans([[(5, []), (7, []), (9, [])], [(24, [])], [(3, [])]], S)
     gen = torch.Generator().manual_seed(1)
@@ -176,6 +162,7 @@ def _stand_in_flash_attn(monkeypatch):
     from kernels import flash
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
         out = torch.empty_like(q)  # [N, H, D]
         for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
             seg = [x[a:b].transpose(0, 1) for x in (q, k, v)]  # [H, L, D]

@@ -280,8 +280,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
     out, ck = cfg.output_dir, cfg.checkpoint
     checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
     wandb_id, tokens_seen, resume_from = None, 0, None
-    resumed = resume_checkpoint(ck.resume, out / "checkpoints", trainer.pm.parts, trainer.optimizer,
-                                redact(cfg.to_dict()), trainer.engine)
+    config = redact(cfg.to_dict())  # what checkpoints and wandb hold (no secrets)
+    resumed = resume_checkpoint(ck.resume, out / "checkpoints", trainer.pm.parts, trainer.optimizer, config,
+                                trainer.engine)
     if resumed is not None:
         resume_from, state, rank_state = resumed
         trainer.load_train_state(state)
@@ -297,7 +298,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
                     print(f"data-parallel ranks {len(old)} -> {env.dims.dp}: the data continues ({report})")
             except NotImplementedError as e:
                 log.warning("data-parallel size changed since %s: the data order restarts (%s)", resume_from, e)
-    logger = MetricsLogger(cfg.logging, out, redact(cfg.to_dict()), enabled=env.is_main, resume_id=wandb_id)
+    logger = MetricsLogger(cfg.logging, out, config, enabled=env.is_main, resume_id=wandb_id)
     if env.is_main:
         n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
         start = f"resuming at step {trainer.step} from {resume_from}" if resume_from else "starting"
