@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = prepare_data(Path(args.data) if args.data else out / "data", s)
     print(f"data ready in {time.time() - t0:.0f}s under {paths['data']}", flush=True)
 
-    from trainer.config import load_config
+    from config import load_config
 
     flops = {}  # the reference variant is always measured: the others' step counts follow from it
     for v in [v for v in VARIANTS if v in variants or v == "latent_bidirectional"]:

@@ -20,7 +20,7 @@ import numpy as np
 from streaming import MDSWriter
 
 from data_prep.schema import TEXT_COLUMNS, image_columns
-from trainer.config import load_config
+from config import load_config
 from trainer.data import build_loader
 
 REPO = Path(__file__).resolve().parents[1]

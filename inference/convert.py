@@ -22,8 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from model.config import DiffusionConfig, ModelConfig
-from model.config_base import ConfigError, from_dict
+from config import ConfigError, DiffusionConfig, ModelConfig, from_dict
 from model.vq import VQError, check_vq, load_vq
 from parallel.deepspeed_engine import DS_TAG, consolidated_state_dict
 from trainer.checkpoint_files import (

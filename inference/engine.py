@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import ModelConfig
+from config import ModelConfig
 from model.layers import KVCache
 from model.transfusion import ModelOutput, TransfusionModel
 

@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from model.config import DiffusionConfig
+from config import DiffusionConfig
 from model.transfusion import TransfusionModel
 
 from .engine import Group, RowState

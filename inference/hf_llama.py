@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import LlamaConfig
 
-from model.config import ModelConfig
+from config import ModelConfig
 
 _BLOCK_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",

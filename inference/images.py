@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torchvision.utils import make_grid, save_image
 
-from model.config import ModelConfig
+from config import ModelConfig
 from model.image_prep import BadImage, load_image
 
 

@@ -24,8 +24,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from model.config import DiffusionConfig, ModelConfig
-from model.config_base import ConfigError, from_dict, to_dict
+from config import ConfigError, DiffusionConfig, ModelConfig, from_dict, to_dict
 from model.transfusion import TransfusionModel
 
 FORMAT = "transfusion"

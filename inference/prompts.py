@@ -15,7 +15,7 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from model.config import ModelConfig
+from config import ModelConfig
 
 from .tokenizer import TextTokenizer
 

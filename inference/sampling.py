@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model.config import DiffusionConfig
+from config import DiffusionConfig
 from model.diffusion import make_scheduler
 
 SamplerKind = Literal["ddpm", "ddim"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.config import ModelConfig
+from config import ModelConfig
 
 BOI_PIECE, EOI_PIECE = "<boi>", "<eoi>"
 

@@ -1,7 +1,7 @@
 """The Transfusion network: config, packed-batch contract, decoder, patch codecs, diffusion, losses."""
 
 from .batch import IGNORE_INDEX, PackedBatch
-from .config import DiffusionConfig, ModelConfig, SpecialTokens
+from config import DiffusionConfig, ModelConfig, SpecialTokens
 from .diffusion import NoiseSchedule
 from .losses import LossNorm, LossOutput, training_forward, transfusion_loss
 from .transfusion import ModelOutput, TransfusionModel

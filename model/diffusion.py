@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .config import DiffusionConfig
+from config import DiffusionConfig
 
 _BETA_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kernels import span_attention
 
-from .config import ModelConfig
+from config import ModelConfig
 
 
 def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:

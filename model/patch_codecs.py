@@ -16,7 +16,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
-from .config import ModelConfig
+from config import ModelConfig
 
 Skips = list[torch.Tensor]
 

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
+from config import ModelConfig
 from .layers import KVCache, TransformerBlock, rope_frequencies
 from .patch_codecs import Skips, build_patch_codecs
 

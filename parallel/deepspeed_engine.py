@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model.config_base import ConfigError
+from config import ConfigError
 
 
 def deep_merge(base: dict, override: dict) -> dict:

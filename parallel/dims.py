@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from model.config_base import ConfigError
+from config import ConfigError
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "pp", "tp")
 

@@ -25,8 +25,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from model.config_base import ConfigError
-from trainer.config import Config, load_config
+from config import Config, ConfigError, load_config
 
 from .plan_flops import batch_flops
 from .plan_hardware import COLLECTIVE_LATENCY_S, GPU, GPUS, OVERLAP_NOTE, RESERVED_BYTES, FRAGMENTATION, GiB, link_bw, step_time, usable_bytes

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.batch import IGNORE_INDEX, PackedBatch
-from model.config import ModelConfig
+from config import ModelConfig
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
-from trainer.config import Config
+from config import Config
 from trainer.data import build_loader
 from trainer.optim import build_optimizer_for
 

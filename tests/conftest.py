@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny config with wandb off and outputs in a temp folder."""
-    from trainer.config import load_config
+    from config import load_config
 
     return load_config(
         REPO / "configs" / "tiny.yaml",

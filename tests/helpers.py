@@ -29,7 +29,7 @@ def one_thread() -> Iterator[None]:
 
 def tiny_run_config(out: Path, seq_len: int, *overrides: str) -> Any:
     """configs/tiny.yaml with wandb off, outputs in `out`, a `seq_len` context, then `overrides`."""
-    from trainer.config import load_config
+    from config import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml", [
         "logging.wandb=disabled", f"train.output_dir={out}", f"model.max_seq_len={seq_len}",

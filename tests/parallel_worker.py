@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from trainer.checkpoint import merge_parts
-from trainer.config import Config, load_config
+from config import Config, load_config
 from trainer.data import build_loader
 from trainer.train import Trainer
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from inference.convert import convert_checkpoint
 from inference.loading import InferenceFolderError
-from model.config_base import ConfigError
+from config import ConfigError
 from tests.conftest import REPO
 from trainer.checkpoint import Checkpointer, checkpoint_dirs, load_checkpoint, resolve_resume
 from trainer.checkpoint_files import MANIFEST, digest_share, list_files, verify_folder, write_manifest

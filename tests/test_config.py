@@ -8,8 +8,7 @@ import sys
 import pytest
 import yaml
 
-from model.config_base import ConfigError
-from trainer.config import load_config
+from config import ConfigError, load_config
 from tests.conftest import REPO
 from tests.test_streaming_loader import write_shards
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from inference.convert import convert_checkpoint
-from model.config_base import ConfigError
+from config import ConfigError
 from tests.checkpoint_worker import train_with_checkpoints
 from tests.parallel_worker import layout_config, spawn_jobs
 from trainer.checkpoint import load_checkpoint

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import SpecialTokens
+from config import SpecialTokens
 from trainer.documents import DocumentBuilder, DocumentRecipe, ImageSegment
 
 TOK = SpecialTokens()

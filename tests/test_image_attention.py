@@ -12,7 +12,7 @@ import torch
 
 from inference import TransfusionGenerator
 from model import TransfusionModel
-from model.config import ModelConfig, SpecialTokens
+from config import ModelConfig, SpecialTokens
 from trainer.documents import Document, ImageSegment
 from trainer.packing import SequencePacker, collate
 from tests.test_inference import folder, run, spm_model, vae_dir  # noqa: F401 (fixtures)

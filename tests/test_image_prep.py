@@ -17,7 +17,7 @@ from data_prep import images
 from data_prep.encode_latents import LatentEncoder
 from examples import tiny_assets
 from inference.images import ImageFileError, encode_image_file, load_vae, preprocess_image_file
-from model.config import ModelConfig
+from config import ModelConfig
 from tests.conftest import REPO
 from tests.helpers import GOOD_KINDS
 

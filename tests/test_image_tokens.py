@@ -17,7 +17,7 @@ from data_prep.images import load_image
 from data_prep.schema import SchemaError, check_index
 from examples import tiny_assets
 from model.batch import IGNORE_INDEX
-from model.config_base import ConfigError
+from config import ConfigError
 from model.vq import decode_codes, encode_codes, load_vq
 from tests.conftest import REPO
 from tests.helpers import one_thread, tiny_run_config, train_and_checkpoint  # noqa: F401 (one_thread: autouse fixture)

@@ -18,7 +18,7 @@ from inference.convert import convert_checkpoint, main as convert_main
 from inference.loading import InferenceFolderError, load_inference_model
 from model.diffusion import NoiseSchedule
 from tests.helpers import one_thread, tiny_run_config, train_and_checkpoint  # noqa: F401 (one_thread: autouse fixture)
-from trainer.config import load_config
+from config import load_config
 
 SEQ = 64  # model.max_seq_len of the test model (an image takes 16 patches + BOI/EOI)
 

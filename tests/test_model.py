@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import DiffusionConfig, NoiseSchedule, TransfusionModel, training_forward, transfusion_loss
-from trainer.config import load_config
+from config import load_config
 from trainer.documents import Document, ImageSegment
 from trainer.packing import SequencePacker, collate
 from tests.conftest import REPO

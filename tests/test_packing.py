@@ -14,7 +14,7 @@ import torch
 
 from kernels import sdpa_span_attention, span_mask
 from model.batch import IGNORE_INDEX
-from model.config import SpecialTokens
+from config import SpecialTokens
 from trainer.documents import Document, DocumentBuilder, DocumentRecipe, ImageSegment
 from trainer.packing import SequencePacker, collate
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from model.config_base import ConfigError
+from config import ConfigError, load_config
 from parallel.dims import ParallelDims, init_distributed
-from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"  # model.n_heads=4, n_kv_heads=2, n_layers=4

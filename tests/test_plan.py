@@ -19,7 +19,7 @@ from parallel.plan import PLAN_DEFAULTS, _rank_summary, plan_layout
 from parallel.plan_hardware import GPU, GPUS
 from parallel.plan_step import run_rank
 from tests.conftest import REPO
-from trainer.config import load_config
+from config import load_config
 
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from model.config_base import ConfigError
+from config import ConfigError
 from tests.conftest import REPO
 from trainer.checkpoint import Checkpointer, checkpoint_dirs, load_checkpoint, resolve_resume
 from trainer.preemption import REQUEUE_EXIT_CODE, TrainingDiverged

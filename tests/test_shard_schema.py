@@ -17,8 +17,7 @@ from streaming import LocalDataset, MDSWriter
 
 from data_prep import merge_index
 from data_prep.schema import TEXT_COLUMNS, SchemaError, check_index, image_columns
-from model.config_base import ConfigError
-from trainer.config import StreamConfig, load_config
+from config import ConfigError, StreamConfig, load_config
 from trainer.data import build_loader
 from trainer.streaming import open_stream
 

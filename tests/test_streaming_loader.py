@@ -16,7 +16,7 @@ from streaming import MDSWriter
 
 from data_prep.schema import TEXT_COLUMNS, image_columns
 from tests.conftest import REPO
-from trainer.config import load_config
+from config import load_config
 from trainer.data import build_loader
 
 LATENT = (4, 8, 8)
@@ -57,7 +57,6 @@ def batch_digest(batch) -> str:
 
 RESUME_SCRIPT = """
 import pickle, sys
-from trainer.config import load_config
 from trainer.data import build_loader
 from tests.test_streaming_loader import batch_digest, streaming_overrides
 from pathlib import Path

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Iterator, Protocol
 
 from model.batch import PackedBatch
-from model.config import ModelConfig
+from config import Config, ModelConfig
 
-from .config import Config
 from .documents import Document, DocumentBuilder, DocumentRecipe
 from .packing import SequencePacker, collate
 

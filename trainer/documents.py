@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.config import SpecialTokens
+from config import SpecialTokens
 
 
 @dataclass

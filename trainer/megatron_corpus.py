@@ -25,7 +25,7 @@ import numpy as np
 from data_prep.megatron_reader import (
     DOCS_PER_SHARD, SCAN_LIMIT, MegatronCorpusError, corpus_stats, document_ids, open_indexed, stats_path,
 )
-from model.config_base import ConfigError
+from config import ConfigError
 
 
 class MegatronCorpus:

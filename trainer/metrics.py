@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import LoggingConfig
+from config import LoggingConfig
 from .redact import redact
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import OptimConfig
+from config import OptimConfig
 
 
 def build_optimizer_for(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:

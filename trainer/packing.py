@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from model.batch import IGNORE_INDEX, PackedBatch
-from model.config import SpecialTokens
+from config import SpecialTokens
 
 from .documents import Document, ImageSegment
 

@@ -28,10 +28,8 @@ import torch
 from streaming import StreamingDataset
 
 from data_prep.schema import SchemaError, check_index, draw_latent, sample_latents
-from model.config import ModelConfig
-from model.config_base import ConfigError
+from config import Config, ConfigError, ModelConfig, StreamConfig
 
-from .config import Config, StreamConfig
 from .documents import Document, DocumentBuilder
 from .megatron_corpus import MegatronCorpus
 from .sample_order import EpochOrder, RankCursor, deal, merge, position_at, segments_length

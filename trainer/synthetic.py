@@ -12,9 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from model.config import ModelConfig
+from config import DataConfig, ModelConfig
 
-from .config import DataConfig
 from .documents import Document, DocumentBuilder
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
-from model.config_base import ConfigError
+from config import Config, ConfigError, load_config
 from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.grad_clip import clip_grad_norm
 from parallel.parallelize import ParallelModel, parallelize
@@ -31,7 +31,6 @@ from parallel.plan_flops import step_model_flops
 from parallel.plan_hardware import gpu_for_device_name
 
 from .checkpoint import Checkpointer, UnsafeToSave, data_parallel_states, resume_checkpoint
-from .config import Config, load_config
 from .data import build_loader
 from .metrics import MetricsLogger, window_summary
 from .optim import build_optimizer_for, build_scheduler

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config_base import require
+from .base import require
 
 AttentionBackend = Literal["auto", "triton", "flex", "flash", "sdpa"]
 

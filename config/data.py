@@ -1,0 +1,116 @@
+"""Data config: the synthetic source or streams of prepared shards, and the document recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .base import ConfigError, require
+from .model import ModelConfig
+
+@dataclass
+class SyntheticDataConfig:
+    """A built-in, learnable document source (class-conditional images, Markov-chain text)."""
+
+    num_classes: int = 10
+    text_len_min: int = 16
+    text_len_max: int = 96
+    image_noise: float = 0.1
+
+
+@dataclass
+class StreamConfig:
+    """One set of MDS shards written by data_prep/, or a Megatron-LM indexed dataset (kind: megatron)."""
+
+    path: str  # local shard folder (with `remote`: the local cache folder); megatron: the .bin/.idx prefix
+    kind: Literal["image", "text", "megatron", "image_tokens"]  # image_tokens: VQ codes (image_representation=tokens)
+    proportion: float = 1.0  # share of sequence positions (tokens) drawn from this stream
+    remote: str | None = None  # object-store URL of the shards, streamed into `path` (not for megatron)
+    # kind: megatron only (trainer/megatron_corpus.py):
+    tokenizer: str | None = None  # what the corpus was tokenized with; recorded in the checkpoint's config
+    add_bos: bool = True  # prepend BOS to each document
+    add_eos: bool = False  # append EOS: for corpora made without preprocess_data.py --append-eod
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "streaming"] = "synthetic"
+    streams: list[StreamConfig] = field(default_factory=list)  # for source: streaming
+    shuffle: bool = True
+    shuffle_block: int = 1 << 16  # streaming: samples are shuffled within blocks of this many positions
+    max_caption_tokens: int = 128  # longer captions are cut
+    sample_latents: bool = True  # draw each latent from the stored posterior (else use its mean)
+    text_fraction: float = 0.5  # synthetic source: share of documents that are text-only
+    image_first_prob: float = 0.2
+    caption_dropout: float = 0.1
+    image_first_max_t: int = 500
+    max_waiting_images: int = 4  # image documents the packer may hold back before padding a row
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def validate(self, m: ModelConfig, seq_len: int, num_timesteps: int) -> None:
+        """Checks of the document recipe and the streams against the model and the row length."""
+        for name in ("text_fraction", "image_first_prob", "caption_dropout"):
+            v = getattr(self, name)
+            require(0 <= v <= 1, f"data.{name} must lie in [0, 1], got {v}")
+        require(self.source == "streaming" or m.image_representation == "latent", "model.image_representation=tokens "
+                "reads images from image_tokens shards: set data.source=streaming with a stream of kind image_tokens")
+        if self.source == "streaming":
+            require(bool(self.streams), "data.source=streaming needs at least one entry in data.streams")
+            for i, st in enumerate(self.streams):
+                require(st.proportion > 0, f"data.streams[{i}].proportion must be positive, got {st.proportion}")
+                want = {"image": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
+                require(want == m.image_representation, f"data.streams[{i}] is a {st.kind} stream, which needs "
+                        f"model.image_representation={want} (got {m.image_representation})")
+                if st.kind == "megatron":
+                    require(bool(st.tokenizer), f"data.streams[{i}].tokenizer: name what the Megatron corpus "
+                            f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
+                    require(st.remote is None, f"data.streams[{i}]: Megatron corpora are read in place, not "
+                            "streamed (remote); convert it with `python -m data_prep.megatron_convert to-mds`")
+            require(
+                self.max_caption_tokens + m.patches_per_image + 4 <= seq_len,
+                f"an image document (data.max_caption_tokens={self.max_caption_tokens} + "
+                f"{m.patches_per_image} patches + 4 special tokens) does not fit train.seq_len={seq_len}",
+            )
+        require(
+            0 < self.image_first_max_t <= num_timesteps,
+            f"data.image_first_max_t={self.image_first_max_t} must lie in (0, diffusion.num_timesteps]",
+        )
+        require(self.shuffle_block >= 1, "data.shuffle_block must be >= 1")
+
+
+# How each kind of stream is prepared (named in the error when its shards are missing).
+PREPARE_COMMAND = {
+    "image": "python -m data_prep.encode_latents --input IMAGES --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
+    "text": "python -m data_prep.tokenize_text --input CORPUS --out {out} --tokenizer TOKENIZER.model",
+    "image_tokens": "python -m data_prep.encode_vq_tokens --input IMAGES --out {out} --vq VQ_DIR --tokenizer TOKENIZER.model",
+}
+
+
+def check_stream_shards(data: DataConfig) -> None:
+    """Refuse local streams whose shard index is missing, before a model or GPU is touched.
+
+    Remote streams (`remote:` set) are not checked: that would need the network, and `path` is
+    only their cache folder.
+    """
+    for i, st in enumerate(data.streams):
+        if st.remote is not None:
+            continue
+        if st.kind == "megatron":
+            missing = [f"{st.path}{ext}" for ext in (".bin", ".idx") if not Path(f"{st.path}{ext}").is_file()]
+            if missing:
+                raise ConfigError(f"data.streams[{i}] (Megatron corpus): {' and '.join(missing)} missing; "
+                                  "`path` is the prefix given to Megatron-LM's --data-path")
+            continue
+        root = Path(st.path)
+        index = root / "index.json"
+        if index.is_file():
+            continue
+        if root.is_dir() and any(root.glob("part-*")):
+            hint = f"merge the workers' parts with `python -m data_prep.merge_index {root}`"
+        else:
+            hint = f"prepare it with `{PREPARE_COMMAND[st.kind].format(out=root)}`"
+        raise ConfigError(
+            f"data.streams[{i}] ({st.kind} stream) has no shards: {index.absolute()} does not exist; "
+            f"{hint}, or fix the path"
+        )
