@@ -1,10 +1,9 @@
 """Training checkpoint -> consolidated inference folder: `python -m inference.convert CKPT_DIR OUT_DIR`.
 
-The model part of the checkpoint is loaded with torch.distributed.checkpoint into the state dict of
-a plain single-process TransfusionModel built from the config in train_state.pt. DCP reshards on
-load, so checkpoints saved by any layout (FSDP, TP, PP keep the same fully-qualified names) give
-the same folder. Checkpoints of the DeepSpeed engine (ZeRO partition files under `deepspeed/`)
-are consolidated with DeepSpeed's zero_to_fp32. See inference/loading.py for the folder format.
+The weights are read by the training engine's offline loader (`parallel.engine.read_full_weights`:
+DCP reshards into full tensors, so checkpoints saved by any torch layout give the same folder;
+DeepSpeed partition files are consolidated by zero_to_fp32) and checked against the model config
+in train_state.pt. See inference/loading.py for the folder format.
 """
 
 from __future__ import annotations
@@ -13,18 +12,14 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from config import ConfigError, DiffusionConfig, ModelConfig, from_dict
 from model.vq import VQError, check_vq, load_vq
-from parallel.deepspeed_engine import DS_TAG, consolidated_state_dict
+from parallel.engine import DEEPSPEED, STATE_FILE, read_full_weights
 from trainer.checkpoint_files import (
     MANIFEST, TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, load_plain, verify_folder,
 )
@@ -38,11 +33,8 @@ from .loading import (
 from .tokenizer import TextTokenizer, TokenizerError
 
 VQ_DIR = "vq"
-MODEL_KEY = "model"  # the trainer saves {"model": model_sd, "optim": optim_sd}
-
-
 def _is_checkpoint(p: Path) -> bool:
-    return (p / ".metadata").is_file() or ((p / DS_TAG).is_dir() and (p / "train_state.pt").is_file())
+    return (p / ".metadata").is_file() or ((p / DEEPSPEED).is_dir() and (p / STATE_FILE).is_file())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -58,7 +50,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if steps:
             return steps[-1]
     raise InferenceFolderError(
-        f"'{p}' is not a checkpoint (no DCP .metadata or {DS_TAG}/ folder) and holds no complete step_N "
+        f"'{p}' is not a checkpoint (no DCP .metadata or {DEEPSPEED}/ folder) and holds no complete step_N "
         f"checkpoints; pass a step folder such as <output_dir>/checkpoints/step_00000300"
     )
 
@@ -97,23 +89,16 @@ def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[s
 
 
 def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's model tensors, resharded by DCP into full tensors with plain-model names."""
-    if not (ckpt / ".metadata").is_file():
-        state = consolidated_state_dict(ckpt)
-        check_tensors(expected_shapes(cfg), {k: tuple(v.shape) for k, v in state.items()}, f"checkpoint '{ckpt}'", cfg)
-        return state
-    metadata = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    prefix = MODEL_KEY + "."
-    stored = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
-    if not stored:
-        raise InferenceFolderError(f"checkpoint '{ckpt}' holds no '{MODEL_KEY}' tensors")
-    check_tensors(expected_shapes(cfg), {k: tuple(v.size) for k, v in stored.items()},
-                  f"checkpoint '{ckpt}'", cfg)
-    state = {n: torch.empty(tuple(m.size), dtype=m.properties.dtype) for n, m in stored.items()}
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({MODEL_KEY: state}, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
-    return state
+    """The checkpoint's full model tensors with plain-model names, read through the training engine's
+    offline loader (either engine's format); names and shapes are checked before any tensor is read."""
+
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:
+        check_tensors(expected_shapes(cfg), shapes, f"checkpoint '{ckpt}'", cfg)
+
+    try:
+        return read_full_weights(ckpt, check)
+    except ConfigError as e:
+        raise InferenceFolderError(str(e)) from None
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:

@@ -3,10 +3,11 @@
 from .batch import IGNORE_INDEX, PackedBatch
 from config import DiffusionConfig, ModelConfig, SpecialTokens
 from .diffusion import NoiseSchedule
-from .losses import LossNorm, LossOutput, training_forward, transfusion_loss
+from .losses import LossNorm, LossOutput, transfusion_loss
+from .objective import Objective, noise_generator
 from .transfusion import ModelOutput, TransfusionModel
 
 __all__ = [
     "IGNORE_INDEX", "PackedBatch", "DiffusionConfig", "ModelConfig", "SpecialTokens", "NoiseSchedule",
-    "LossNorm", "LossOutput", "training_forward", "transfusion_loss", "ModelOutput", "TransfusionModel",
+    "LossNorm", "LossOutput", "Objective", "noise_generator", "transfusion_loss", "ModelOutput", "TransfusionModel",
 ]

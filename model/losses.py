@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.utils.checkpoint import checkpoint
 
-from .batch import IGNORE_INDEX, PackedBatch
-from .diffusion import NoiseSchedule
-from .transfusion import ModelOutput, TransfusionModel
+from .batch import IGNORE_INDEX
+from .transfusion import ModelOutput
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def lm_loss_sum(out: ModelOutput, text_targets: torch.Tensor, chunk: int = LM_CH
     rows, each checkpointed (its logits are recomputed in backward rather than kept). Under tensor
     parallelism (DTensor hidden states, vocab-sharded head) the hidden states are gathered once and
     each chunk's logits stay vocab-sharded for the loss_parallel cross-entropy. With precomputed
-    logits (pipeline last stage), the same chunking runs over their rows.
+    logits (DeepSpeed ZeRO-3), the same chunking runs over their rows.
     """
     flat_t = text_targets.flatten()
     if out._logits is not None:
@@ -100,13 +99,3 @@ def transfusion_loss(
         lm = lm * (n_text / max(norm.text_targets, 1))
         diffusion = diffusion * (noise.shape[0] / max(norm.images, 1))
     return LossOutput(lm + loss_weight * diffusion, lm, diffusion)
-
-
-def training_forward(
-    model: TransfusionModel, schedule: NoiseSchedule, batch: PackedBatch, loss_weight: float,
-    generator: torch.Generator | None = None,
-) -> LossOutput:
-    """Noise the batch's latents, run the model and return the losses."""
-    noisy, t, noise = schedule.sample_training_inputs(batch.latents, batch.image_max_t, generator)
-    out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-    return transfusion_loss(out, batch.text_targets, noise, loss_weight)

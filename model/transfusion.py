@@ -3,6 +3,11 @@
 Text positions are embedded from the vocabulary and read out by the LM head; image positions take
 the patch encoder's vectors and are read out by the patch decoder as predicted noise. Plain
 single-device PyTorch: parallelism is applied from outside (parallel/).
+
+A pipeline stage (parallel/pipeline.py) is a copy of this model with the modules it does not hold
+set to None (torchtitan-style), and the forward skips them: without the input modules it takes the
+previous stage's hidden state instead of tokens, without the output modules it returns the
+residual stream and the U-Net skips instead of a ModelOutput.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ class ModelOutput:
     Logits are not computed in the forward: training reads the head at text-target positions only
     (model/losses.py, chunked), inference at the positions it samples from (`logits_at`,
     `last_logits`). `logits` (every position) is computed on first access, for callers that want
-    them all; an output built from precomputed logits (`ModelOutput(logits, noise_pred)`, e.g. a
-    pipeline's last stage) just holds them.
+    them all; an output built from precomputed logits (`ModelOutput(logits, noise_pred)`, e.g. under
+    DeepSpeed ZeRO-3, which gathers the head only inside forward) just holds them.
     """
 
     def __init__(
@@ -109,9 +114,19 @@ class TransfusionModel(nn.Module):
             return ModelOutput(self.output(h), noise_pred, hidden=h, head=self.output)
         return ModelOutput(noise_pred=noise_pred, hidden=h, head=self.output)
 
+    @property
+    def is_first(self) -> bool:
+        """Holds the input modules (embeddings, patch encoder): the forward takes tokens."""
+        return self.tok_embeddings is not None
+
+    @property
+    def is_last(self) -> bool:
+        """Holds the output modules (final norm, LM head, patch decoder): the forward returns a ModelOutput."""
+        return self.norm is not None
+
     def forward(
         self,
-        tokens: torch.Tensor,  # [B, S]
+        tokens: torch.Tensor,  # [B, S]; without the input modules: the hidden state h [B, S, d_model]
         position_ids: torch.Tensor,  # [B, S]
         kv_lo: torch.Tensor,  # [B, S]
         kv_hi: torch.Tensor,  # [B, S]
@@ -119,11 +134,18 @@ class TransfusionModel(nn.Module):
         noisy_latents: torch.Tensor,  # [N_img, C, h, w]
         timesteps: torch.Tensor,  # [N_img]
         cache: KVCache | None = None,  # inference: keys of earlier positions (spans index cached + new)
-    ) -> ModelOutput:
-        h, skips = self.embed(tokens, is_image, noisy_latents, timesteps)
+        skips: Skips | None = None,  # without the input modules: the patch encoder's U-Net skips
+    ) -> ModelOutput | tuple[torch.Tensor, Skips]:
+        """ModelOutput of the whole model; a pipeline stage before the last returns (h [B, S, d], skips)."""
+        if self.is_first:
+            h, skips = self.embed(tokens, is_image, noisy_latents, timesteps)
+        else:  # a later pipeline stage: the previous stage's residual stream and skips
+            h, skips = tokens, skips or []
         inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device=h.device)
         for name, layer in self.layers.items():
             h = layer(h, position_ids, inv_freq, kv_lo, kv_hi, None if cache is None else cache.layer(name))
+        if not self.is_last:
+            return h, skips
         return self.decode(h, is_image, timesteps, skips)
 
     def num_params(self, exclude: tuple[str, ...] = ()) -> int:

@@ -11,8 +11,8 @@ Mapping (ours -> DeepSpeed):
     parallel.deepspeed.zero_stage  -> zero_optimization.stage
     parallel.deepspeed.offload_optimizer -> zero_optimization.offload_optimizer.device = cpu
     train.dtype == bf16            -> bf16.enabled (fp32 master weights in the ZeRO optimizer)
-    optim.* (AdamW, LR schedule)   -> our own torch AdamW (trainer.optim.build_optimizer_for) and
-                                      LambdaLR (build_scheduler), handed to deepspeed.initialize.
+    optim.* (AdamW, LR schedule)   -> our own torch AdamW and LambdaLR (the trainer's OptimizerFactory),
+                                      handed to deepspeed.initialize.
 
 Why the client optimizer rather than DeepSpeed's `"optimizer": {"type": "AdamW"}`: with ours the
 update is the very same torch AdamW code as the single-process and FSDP runs (applied to ZeRO's
@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from config import ConfigError
+from config import Config, ConfigError
+from model import LossNorm, PackedBatch
+
+from .activation import apply_activation_checkpointing, apply_compile
+from .dims import DistEnv
+from .engine import DEEPSPEED, OptimizerFactory, ShapeCheck, TrainingEngine
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -125,11 +131,8 @@ def init_deepspeed_distributed(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
-def build_engine(model: nn.Module, cfg, device: torch.device):
-    """Wrap the plain model in a DeepSpeedEngine; returns (engine, scheduler).
-
-    The scheduler is our LambdaLR, built on the client AdamW and stepped by the engine.
-    """
+def _initialize(model: nn.Module, cfg: Config, optimizers: OptimizerFactory):
+    """deepspeed.initialize over the plain model with our optimizer and LR schedule; (engine, scheduler)."""
     try:
         import deepspeed
     except ImportError as e:
@@ -137,29 +140,78 @@ def build_engine(model: nn.Module, cfg, device: torch.device):
             f"parallel.engine=deepspeed needs the deepspeed package ({e}); "
             "install the extra: pip install '.[deepspeed]'"
         ) from None
-    from trainer.optim import build_optimizer_for, build_scheduler
-
-    _check_layout(cfg)
     ds_config = build_ds_config(cfg)
-    init_deepspeed_distributed(device)
-    total_steps = cfg.train.steps
+    optimizer = optimizers.optimizer(list(model.parameters()))
     if "optimizer" in ds_config:
         # DeepSpeed builds its own optimizer over our param groups; our schedule scales its lr.
-        groups = [
-            {"params": g["params"], "weight_decay": g["weight_decay"]}
-            for g in build_optimizer_for(list(model.parameters()), cfg.optim).param_groups
-        ]
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, total_steps), config=ds_config,
+            model=model, model_parameters=groups, lr_scheduler=optimizers.scheduler, config=ds_config,
         )
     else:
-        optimizer = build_optimizer_for(list(model.parameters()), cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            model=model, optimizer=optimizer, lr_scheduler=optimizers.scheduler(optimizer), config=ds_config,
         )
     return engine, scheduler
+
+
+class DeepSpeedEngine(TrainingEngine):
+    """ZeRO data parallelism through a DeepSpeedEngine; its own partition files as checkpoints.
+
+    DeepSpeed scales each micro-batch loss by 1/grad_accum (undone here), averages gradients over dp,
+    clips, and runs our AdamW + LR schedule at the accumulation boundary. It applies every update
+    (it skips only fp16 overflows), so a non-finite step stops the run (`can_skip_update`).
+    """
+
+    format = DEEPSPEED
+    can_skip_update = False
+
+    def __init__(self, model: nn.Module, cfg: Config, env: DistEnv, optimizers: OptimizerFactory) -> None:
+        super().__init__(cfg, env)
+        _check_layout(cfg)
+        p = cfg.parallel
+        apply_activation_checkpointing(model, p.activation_checkpoint, p.activation_checkpoint_every)
+        if p.compile:
+            apply_compile(model)
+        init_deepspeed_distributed(env.device)
+        self.ds, self.scheduler = _initialize(model, cfg, optimizers)
+        self.parts = [self.ds.module]
+        self.optimizer = self.ds.optimizer
+
+    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm) -> torch.Tensor:
+        n = self.ds.gradient_accumulation_steps()
+        if len(batches) != n:
+            raise ValueError(f"DeepSpeed expects {n} micro-batches per step, got {len(batches)}")
+        self.ds.train()
+        totals = torch.zeros(3, device=self.device)
+        for micro, batch in enumerate(batches):
+            with self.autocast():
+                losses = self.objective(self.ds, batch, step, self.global_micro(micro), norm)
+            self.ds.backward(losses.total * (self.env.dims.dp * n))
+            if micro < n - 1:
+                self.ds.step()  # accumulation bookkeeping only; the boundary step is optimizer_step's
+            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
+        return totals
+
+    def optimizer_step(self, finite_loss: bool) -> tuple[float, bool]:
+        self.ds.step()  # the accumulation boundary: clip, our AdamW, our LR schedule
+        return grad_norm(self.ds), True
+
+    def save(self, folder: Path, async_save: bool = False) -> Future | None:
+        if async_save:
+            raise ConfigError("checkpoint.async_save is not supported with parallel.engine=deepspeed")
+        save_engine_checkpoint(self.ds, folder)
+        return None
+
+    def load(self, folder: Path) -> None:
+        load_engine_checkpoint(self.ds, folder)
+
+    def local_tensors(self) -> list[torch.Tensor]:
+        # ZeRO-3 keeps this rank's partition in ds_tensor.
+        return [getattr(p, "ds_tensor", p.data) for p in self.ds.module.parameters()]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.ds)
 
 
 def grad_norm(engine) -> float:
@@ -182,7 +234,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 # gathered. Resuming with another number of data-parallel ranks goes through DeepSpeed's universal
 # checkpoint: converted once (ds_to_universal) into UNIVERSAL_TAG next to it, then loaded with
 # `load_universal`, which re-partitions the full per-parameter tensors onto the new ranks.
-DS_TAG = "deepspeed"
+DS_TAG = DEEPSPEED
 UNIVERSAL_TAG = "deepspeed_universal"
 
 
@@ -248,9 +300,11 @@ def load_engine_checkpoint(engine, folder: Path) -> None:
         raise ConfigError(f"checkpoint {folder} has no readable DeepSpeed state under '{tag}/'")
 
 
-def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path, check: ShapeCheck | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 model weights of a DeepSpeed checkpoint, offline (no process group, any ZeRO stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    if check is not None:
+        check({k: tuple(v.shape) for k, v in state.items()})
     return {k: v.clone() for k, v in state.items()}  # ZeRO-1/2 gives views of one flat buffer

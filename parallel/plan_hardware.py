@@ -1,4 +1,4 @@
-"""GPU specs and the roofline step-time model of the planner (parallel/plan.py).
+"""GPU specs and the roofline step-time model of the planner (planner/plan.py); the trainer reads the peak for its MFU.
 
 Numbers are vendor datasheet values (dense, i.e. without 2:4 sparsity). Link bandwidths are per GPU
 and per direction, which is what a ring collective is limited by.

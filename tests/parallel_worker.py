@@ -11,12 +11,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from trainer.checkpoint import merge_parts
 from config import Config, load_config
 from trainer.data import build_loader
-from trainer.train import Trainer
+from trainer.train import make_engine
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model that still has GQA, several layers for pipeline stages, and images in every row.
@@ -44,19 +42,12 @@ def global_batches(cfg: Config, dp: int) -> list[list]:
 
 def run_training(cfg: Config, env=None) -> dict:
     """Train on this rank's slice of the global batches; per-step losses and grad norms, full params."""
-    trainer = Trainer(cfg, env)
+    engine = make_engine(cfg, env)
     dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
     per_rank = cfg.train.grad_accum
-    results = [trainer.train_step(step[dp_rank * per_rank : (dp_rank + 1) * per_rank])
-               for step in global_batches(cfg, dp)]
-    if trainer.engine is not None:  # DeepSpeed: gather ZeRO-3 partitions through the engine
-        from parallel.deepspeed_engine import full_state_dict
-
-        sd = full_state_dict(trainer.engine)
-    else:
-        # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-        sd = get_model_state_dict(merge_parts(trainer.pm.parts), options=opts)
+    results = [engine.train_step(batches[dp_rank * per_rank : (dp_rank + 1) * per_rank], step)
+               for step, batches in enumerate(global_batches(cfg, dp))]
+    sd = engine.full_state_dict()  # DeepSpeed gathers ZeRO-3 partitions; a pipeline rank gets its stages
     return {
         "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results],
         "params": {k: v.detach().cpu().clone() for k, v in sd.items()},

@@ -16,16 +16,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from config import ConfigError
 from inference.convert import convert_checkpoint
 from inference.loading import InferenceFolderError
-from config import ConfigError
+from parallel.engine import TrainingEngine
 from tests.conftest import REPO
-from trainer.checkpoint import Checkpointer, checkpoint_dirs, load_checkpoint, resolve_resume
+from tests.helpers import checkpoint_manager
+from trainer.checkpoint import checkpoint_dirs, resolve_resume
 from trainer.checkpoint_files import MANIFEST, digest_share, list_files, verify_folder, write_manifest
 from trainer.preemption import TrainingDiverged
-from trainer.train import Trainer, main, train
+from trainer.train import main, make_engine, train
 
-PACKAGES = ("model", "kernels", "parallel", "trainer", "data_prep", "inference", "examples")
+PACKAGES = ("config", "model", "kernels", "parallel", "trainer", "data_prep", "inference", "examples")
 
 
 def run_to(cfg, steps: int, interval: int = 2, keep_last: int = 5) -> list[Path]:
@@ -122,35 +124,35 @@ def test_damaged_only_checkpoint_stops_the_run_instead_of_restarting(tiny_cfg, d
 
 
 def test_nan_weights_are_never_saved_and_the_last_good_checkpoint_survives(tiny_cfg, monkeypatch):
-    real_step = Trainer.train_step
+    real_step = TrainingEngine.train_step
 
-    def corrupt_after_step_4(self, batches):
-        if self.step == 4:
+    def corrupt_after_step_4(self, batches, step):
+        if step == 4:
             with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))  # every token's embedding
-        return real_step(self, batches)
+                next(self.parts[0].parameters()).fill_(float("nan"))  # every token's embedding
+        return real_step(self, batches, step)
 
-    monkeypatch.setattr(Trainer, "train_step", corrupt_after_step_4)
+    monkeypatch.setattr(TrainingEngine, "train_step", corrupt_after_step_4)
     tiny_cfg.checkpoint.max_bad_steps = 2
     with pytest.raises(TrainingDiverged, match=r"2 consecutive non-finite steps at step 4; .*NaN/Inf at step 4: "
                                                r"not saved.*last good checkpoint is .*step_00000004"):
         run_to(tiny_cfg, 10, keep_last=1)
     [kept] = checkpoint_dirs(tiny_cfg.output_dir / "checkpoints")
     assert kept.name == "step_00000004"
-    trainer = Trainer(tiny_cfg)
+    engine = make_engine(tiny_cfg)
     verify_folder(kept)
-    load_checkpoint(kept, trainer.pm.parts, trainer.optimizer, tiny_cfg.to_dict())
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    checkpoint_manager(tiny_cfg, engine, kept.parent)[0].load(kept)
+    assert all(torch.isfinite(p).all() for p in engine.parts[0].parameters())
 
 
 def test_a_verified_checkpoint_holding_nan_is_skipped_at_load(tiny_cfg, capsys):
     ckpts = run_to(tiny_cfg, 4)
     newest = ckpts[-1]
-    trainer = Trainer(tiny_cfg)
-    load_checkpoint(newest, trainer.pm.parts, trainer.optimizer, tiny_cfg.to_dict())
+    engine = make_engine(tiny_cfg)
+    checkpoint_manager(tiny_cfg, engine, newest.parent)[0].load(newest)
     with torch.no_grad():
-        next(trainer.model.parameters()).view(-1)[0] = float("nan")
-    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+        next(engine.parts[0].parameters()).view(-1)[0] = float("nan")
+    model_sd, optim_sd = get_state_dict(engine.parts[0], engine.optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(newest))  # written around our checks
     reseal(newest)
     tiny_cfg.train.steps = 5
@@ -160,10 +162,9 @@ def test_a_verified_checkpoint_holding_nan_is_skipped_at_load(tiny_cfg, capsys):
 
 
 def test_retention_keeps_the_newest_clean_checkpoint(tiny_cfg, tmp_path):
-    trainer = Trainer(tiny_cfg)
-    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt, _ = checkpoint_manager(tiny_cfg, make_engine(tiny_cfg), tmp_path, keep_last=1)
     for step, bad in [(2, 0), (3, 2), (4, 3), (5, 0)]:
-        ckpt.save(step, trainer.pm.parts, trainer.optimizer, trainer.train_state(bad_steps=bad), {})
+        ckpt.save(step, clean=bad == 0)
         names = [p.name for p in checkpoint_dirs(tmp_path)]
         assert names == (["step_00000002", f"step_{step:08d}"] if bad else [f"step_{step:08d}"]), names
 

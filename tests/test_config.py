@@ -10,7 +10,7 @@ import yaml
 
 from config import ConfigError, load_config
 from tests.conftest import REPO
-from tests.test_streaming_loader import write_shards
+from tests.helpers import write_shards
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PAPER = ["160m", "760m", "1.4b", "7b"]

@@ -20,7 +20,7 @@ import torch
 
 from tests.parallel_worker import global_batches, layout_config, run_training, spawn_jobs
 from trainer.preemption import TrainingDiverged
-from trainer.train import Trainer
+from trainer.train import make_engine
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -105,13 +105,13 @@ def test_deepspeed_matches_single_process(name, results_dir):
 
 def poisoned_step(cfg, env) -> dict:
     """One step with a NaN weight: DeepSpeed cannot skip the update, so the trainer must stop."""
-    trainer = Trainer(cfg, env)
+    engine = make_engine(cfg, env)
     with torch.no_grad():
-        trainer.model.tok_embeddings.weight.fill_(float("nan"))
+        engine.parts[0].tok_embeddings.weight.fill_(float("nan"))
     per_rank = cfg.train.grad_accum
     batches = global_batches(cfg, env.dims.dp)[0][env.dp_rank * per_rank : (env.dp_rank + 1) * per_rank]
     try:
-        trainer.train_step(batches)
+        engine.train_step(batches, 0)
     except TrainingDiverged as e:
         return {"stopped": str(e)}
     return {"stopped": None}

@@ -19,8 +19,8 @@ from inference.convert import convert_checkpoint
 from config import ConfigError
 from tests.checkpoint_worker import train_with_checkpoints
 from tests.parallel_worker import layout_config, spawn_jobs
-from trainer.checkpoint import load_checkpoint
-from trainer.train import Trainer
+from tests.helpers import checkpoint_manager
+from trainer.train import make_engine
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -92,9 +92,9 @@ def test_convert_consolidates_the_engine_weights(runs, stage, tmp_path):
 
 def test_torch_engine_refuses_a_deepspeed_checkpoint(runs):
     cfg = layout_config(ONE)
-    trainer = Trainer(cfg)
+    folder = runs["out"] / "zero2" / "step_00000002"
     with pytest.raises(ConfigError) as e:
-        load_checkpoint(runs["out"] / "zero2" / "step_00000002", trainer.pm.parts, trainer.optimizer, cfg.to_dict())
+        checkpoint_manager(cfg, make_engine(cfg), folder.parent)[0].load(folder)
     msg = str(e.value)
     assert "was written by parallel.engine=deepspeed and resumes only with it" in msg
     assert "inference.convert" in msg

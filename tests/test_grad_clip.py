@@ -14,10 +14,10 @@ from tests.parallel_worker import spawn_jobs
 
 def _clip_job(cfg, env, max_norm: float) -> dict:  # noqa: ANN001
     """Build the layout, give every parameter a known gradient, clip; report norms and call counts."""
-    from trainer.train import Trainer
+    from trainer.train import make_engine
 
-    trainer = Trainer(cfg, env)
-    params = list(trainer.pm.parameters())
+    engine = make_engine(cfg, env)
+    params = [p for part in engine.parts for p in part.parameters()]
     for p in params:
         g = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape).sin() + 0.5
         if isinstance(p, DTensor):

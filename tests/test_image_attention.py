@@ -15,7 +15,6 @@ from model import TransfusionModel
 from config import ModelConfig, SpecialTokens
 from trainer.documents import Document, ImageSegment
 from trainer.packing import SequencePacker, collate
-from tests.test_inference import folder, run, spm_model, vae_dir  # noqa: F401 (fixtures)
 
 TOK = SpecialTokens()
 P = 4
@@ -94,7 +93,7 @@ def test_a_causal_model_cannot_see_later_patches():
     assert not torch.equal(a[0, :, 2:, 2:], b[0, :, 2:, 2:])
 
 
-def test_generation_honours_causal_images_with_the_kv_cache(folder, tmp_path):  # noqa: F811
+def test_generation_honours_causal_images_with_the_kv_cache(folder, tmp_path):
     causal = tmp_path / "causal"
     shutil.copytree(folder, causal)
     config = json.loads((causal / "config.json").read_text())

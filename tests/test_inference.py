@@ -1,14 +1,13 @@
 """Inference folders: DCP checkpoint -> safetensors round trip, sharding, HF Llama export, errors.
 
-Fixtures here (a 2-step tiny run, its checkpoint, a sentencepiece model, a tiny VAE and the
-converted folder) are shared with tests/test_inference_generate.py.
+The fixtures (a 2-step tiny run, its checkpoint, a sentencepiece model, a tiny VAE and the converted
+folder) live in tests/conftest.py, shared with tests/test_inference_generate.py and test_image_attention.py.
 """
 
 import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -17,57 +16,8 @@ from safetensors.torch import load_file, save_file
 from inference.convert import convert_checkpoint, main as convert_main
 from inference.loading import InferenceFolderError, load_inference_model
 from model.diffusion import NoiseSchedule
-from tests.helpers import one_thread, tiny_run_config, train_and_checkpoint  # noqa: F401 (one_thread: autouse fixture)
+from tests.helpers import inference_run_config, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from config import load_config
-
-SEQ = 64  # model.max_seq_len of the test model (an image takes 16 patches + BOI/EOI)
-
-
-def tiny_config(out):
-    return tiny_run_config(out, SEQ, "train.batch_size=2", "train.steps=2", "train.device=cpu", "data.source=synthetic")
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    """A tiny model trained 2 steps, checkpointed in the trainer's layout: DCP {"model", "optim"}
-    from get_state_dict, plus train_state.pt with the config."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(out)
-    trainer, loader, ckpt = train_and_checkpoint(cfg, out, 2)
-    return {"cfg": cfg, "model": trainer.model.eval(), "ckpt": ckpt, "batch": next(loader)}
-
-
-@pytest.fixture(scope="session")
-def spm_model(tmp_path_factory):
-    """A small sentencepiece BPE with the data_prep special ids: pad 0, bos 1, eos 2, <boi> 3, <eoi> 4."""
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("tok")
-    rng = np.random.default_rng(0)
-    words = ["red", "green", "blue", "digit", "one", "two", "three", "a", "photo", "of", "the", "cat", "dog"]
-    (d / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=80, model_type="bpe",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=5, control_symbols=["<boi>", "<eoi>"], minloglevel=2,
-        hard_vocab_limit=False,
-    )
-    return d / "tok.model"
-
-
-@pytest.fixture(scope="session")
-def vae_dir(tmp_path_factory):
-    """A random tiny AutoencoderKL (2x downsampling: 8x8x4 latents <-> 16x16 RGB)."""
-    from examples.tiny_assets import make_tiny_vae
-
-    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
-
-
-@pytest.fixture(scope="session")
-def folder(run, spm_model, vae_dir, tmp_path_factory):
-    """The converted inference folder (fp32, tokenizer and VAE copied) and its HF Llama export."""
-    root = tmp_path_factory.mktemp("converted")
-    convert_checkpoint(run["ckpt"], root / "inf", tokenizer=spm_model, vae=vae_dir, hf_llama=root / "hf")
-    return root / "inf"
 
 
 def _outputs(model, batch):
@@ -96,7 +46,7 @@ def test_round_trip_same_tensors_and_outputs(run, folder):
 def test_converts_a_checkpoint_written_by_the_trainer(tmp_path):
     from trainer.train import train
 
-    cfg = tiny_config(tmp_path / "run")
+    cfg = inference_run_config(tmp_path / "run")
     cfg.checkpoint.enabled = True
     train(cfg)
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]

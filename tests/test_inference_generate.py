@@ -1,6 +1,6 @@
 """Generation: KV cache == full recompute, CFG, seeds, batching, samplers, modes, CLI and prompt errors.
 
-Uses the tiny random model converted in tests/test_inference.py (max_seq_len 64, 16 patches per
+Uses the tiny random model converted by tests/conftest.py's `folder` (max_seq_len 64, 16 patches per
 image). Cached and uncached runs use different attention shapes, so latents are compared to 1e-4
 (eps agree to ~1e-6; the DDPM update amplifies that by at most ~1/sqrt(abar_t)); tokens exactly.
 """
@@ -19,13 +19,13 @@ from inference.generate import main as generate_main
 from inference.sampling import make_sampler
 from model.diffusion import make_scheduler
 from model.layers import KVCache
-from tests.test_inference import SEQ, folder, one_thread, run, spm_model, vae_dir  # noqa: F401 (fixtures)
+from tests.helpers import INFERENCE_SEQ as SEQ, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def gen(folder):  # noqa: F811
+def gen(folder):
     return TransfusionGenerator.from_folder(folder)
 
 
@@ -118,7 +118,7 @@ def test_seeds_batches_and_samplers(gen):
     assert_same(ddim_cached, ddim_full)
 
 
-def test_bf16_generation_runs(folder):  # noqa: F811
+def test_bf16_generation_runs(folder):
     g16 = TransfusionGenerator.from_folder(folder, dtype="bf16")
     assert next(g16.model.parameters()).dtype == torch.bfloat16
     res = g16.generate([5, 6, 7], mode="interleaved", max_new_tokens=3, steps=STEPS)[0]  # one prompt of ids
@@ -174,7 +174,7 @@ def test_interleaved_rows_diverge_and_still_match_recompute(gen, monkeypatch):
     assert not cached[1].images
 
 
-def test_prompt_errors(gen, folder, tmp_path):  # noqa: F811
+def test_prompt_errors(gen, folder, tmp_path):
     with pytest.raises(PromptError, match="more than the model's context of 64"):
         gen.generate([list(range(10, 10 + SEQ))])
     with pytest.raises(PromptError, match=r"context of 64"):  # the image's 16 patches do not fit
@@ -198,7 +198,7 @@ def test_prompt_errors(gen, folder, tmp_path):  # noqa: F811
         TransfusionGenerator.from_folder(tmp_path / "missing")
 
 
-def test_generate_cli_writes_pngs_grid_and_results(folder, tmp_path, capsys):  # noqa: F811
+def test_generate_cli_writes_pngs_grid_and_results(folder, tmp_path, capsys):
     out = tmp_path / "gen"
     args = [str(folder), "--prompt", "a photo of", "--prompt-ids", "5,6,7", "--mode", "image", "--steps", "3",
             "--cfg-scale", "2", "--out", str(out)]

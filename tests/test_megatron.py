@@ -19,7 +19,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder  # noqa
 from data_prep.megatron_convert import main as convert  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.test_streaming_loader import keys_of, recorded_loaders, write_shards  # noqa: E402
+from tests.helpers import keys_of, recorded_loaders, write_shards  # noqa: E402
 from trainer.checkpoint import checkpoint_dirs  # noqa: E402
 from trainer.data import build_loader, document_builder  # noqa: E402
 from trainer.documents import ImageSegment  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import DiffusionConfig, NoiseSchedule, TransfusionModel, training_forward, transfusion_loss
+from model import DiffusionConfig, NoiseSchedule, Objective, TransfusionModel, transfusion_loss
 from config import load_config
 from trainer.documents import Document, ImageSegment
 from trainer.packing import SequencePacker, collate
@@ -54,7 +54,7 @@ def test_every_parameter_gets_gradient(model_and_cfg):
     model, cfg = model_and_cfg
     batch = small_batch(cfg)
     batch.check()
-    losses = training_forward(model, NoiseSchedule(DiffusionConfig()), batch, 5.0, torch.Generator().manual_seed(0))
+    losses = Objective(DiffusionConfig(loss_weight=5.0))(model, batch, step=0, micro=0)
     losses.total.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing

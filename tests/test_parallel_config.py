@@ -81,7 +81,7 @@ def test_deepspeed_refuses_tp_and_pp(dims):
     ("parallel.meta_init=true", "parallel.meta_init"),
 ])
 def test_deepspeed_refuses_torch_engine_options(override, fragment):
-    """Checked when the engine is built (Trainer start-up), before deepspeed is imported."""
+    """Checked when the engine is built (start-up), before deepspeed is imported."""
     from parallel.deepspeed_engine import _check_layout
 
     cfg = load_config(TINY, ["parallel.engine=deepspeed", override, "data.source=synthetic"])

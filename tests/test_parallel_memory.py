@@ -64,13 +64,13 @@ def measure(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def one_step(cfg, env=None) -> dict[str, int]:
     """Bytes of parameters + optimizer state on this rank after one training step."""
-    from trainer.train import Trainer
+    from trainer.train import make_engine
 
     cfg.train.steps = 1
-    trainer = Trainer(cfg, env)
+    engine = make_engine(cfg, env)
     dp, dp_rank, n = (env.dims.dp, env.dp_rank, cfg.train.grad_accum) if env else (1, 0, cfg.train.grad_accum)
-    trainer.train_step(global_batches(cfg, dp)[0][dp_rank * n : (dp_rank + 1) * n])
-    return measure(trainer.optimizer)
+    engine.train_step(global_batches(cfg, dp)[0][dp_rank * n : (dp_rank + 1) * n], 0)
+    return measure(engine.optimizer)
 
 
 @functools.cache

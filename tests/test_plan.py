@@ -1,4 +1,4 @@
-"""The scale rehearsal planner (parallel/plan.py): fake-mode steps of the real model and layouts.
+"""The scale rehearsal planner (planner/plan.py): fake-mode steps of the real model and layouts.
 
 Fast tests use the tiny config on a fake world of 8; the 7B layouts at world size 128 are `slow`.
 Validation: the fake step's peak memory against a real CPU step of the trainer measured with torch's
@@ -15,9 +15,8 @@ import sys
 
 import pytest
 
-from parallel.plan import PLAN_DEFAULTS, _rank_summary, plan_layout
-from parallel.plan_hardware import GPU, GPUS
-from parallel.plan_step import run_rank
+from planner.plan import PLAN_DEFAULTS, plan_layout
+from parallel.plan_hardware import GPU
 from tests.conftest import REPO
 from config import load_config
 
@@ -25,49 +24,12 @@ PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def _cfg(name: str, overrides: list[str], world: int):
-    cfg = load_config(REPO / "configs" / name, PLAN_DEFAULTS + overrides)
-    cfg.parallel = cfg.parallel.resolved(world)
-    return cfg
-
-
 def _run_in_process(fn: str, *args: object) -> dict:
-    """Run tests.test_plan.<fn>(*args) in a fresh process (one fake process group per process)."""
-    code = f"import json, tests.test_plan as t; print(json.dumps(t.{fn}(*{args!r})))"
+    """Run tests.helpers.<fn>(*args) in a fresh process (one fake process group per process)."""
+    code = f"import json, tests.helpers as t; print(json.dumps(t.{fn}(*{args!r})))"
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def fake_rank(name: str, overrides: list[str], world: int, rank: int = 0, attention: str = "plan") -> dict:
-    """One rank's fake step, summarised (runs inside _run_in_process)."""
-    r = run_rank(_cfg(name, overrides, world), rank, GPUS["h100"], attention)
-    summary = _rank_summary(r, GPUS["h100"])[0]
-    summary["peak_bytes"] = r.peak_bytes
-    summary["clip_all_reduces"] = r.counter.calls_by_phase["clip"]
-    return summary
-
-
-def real_step_peak(name: str, overrides: list[str]) -> dict:
-    """Peak tensor memory of the trainer's real second step on CPU (MemTracker on real tensors)."""
-    import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from trainer.data import build_loader
-    from trainer.train import Trainer
-
-    cfg = _cfg(name, overrides, 1)
-    cfg.model.attention = "sdpa"
-    trainer = Trainer(cfg)
-    loader = build_loader(cfg, 0, 1)
-    batches = [next(loader) for _ in range(cfg.train.grad_accum)]
-    trainer.train_step(batches)  # creates the AdamW states, as in steady state
-    mt = MemTracker()
-    mt.track_external(trainer.model, trainer.optimizer)
-    with mt:
-        trainer.train_step(batches)
-    snap = mt.get_tracker_snapshot("peak")
-    return {"peak_bytes": int(snap[torch.device("cpu")]["Total"])}
 
 
 TINY_LAYOUTS = {
@@ -81,7 +43,7 @@ TINY_LAYOUTS = {
 @pytest.mark.parametrize("layout", sorted(TINY_LAYOUTS))
 def test_tiny_layouts_on_a_fake_world_of_8(layout):
     overrides, dims = TINY_LAYOUTS[layout]
-    s = _run_in_process("fake_rank", "tiny.yaml", overrides, 8)
+    s = _run_in_process("plan_fake_rank", "tiny.yaml", overrides, 8)
     assert s["peak_gib"] >= 0 and s["peak_bytes"] > 0
     assert s["memory_gib"].keys() == {"parameters", "gradients", "optimizer", "activations", "temporaries"}
     assert set(s["collective_gib"]) == dims, s["collective_gib"]
@@ -101,7 +63,7 @@ def test_tiny_layouts_on_a_fake_world_of_8(layout):
 ])
 def test_counted_flops_match_the_config_count(name, overrides):
     """Every matmul/conv of the fake step (recompute excluded) + span pairs = plan_flops within 2%."""
-    s = _run_in_process("fake_rank", name, overrides, 1)
+    s = _run_in_process("plan_fake_rank", name, overrides, 1)
     measured, analytic = s["model_tflops_last_micro"], s["analytic_tflops_last_micro"]
     assert analytic > 0 and abs(measured - analytic) <= 0.02 * analytic, (measured, analytic)
 
@@ -112,13 +74,13 @@ def test_counted_flops_match_the_config_count(name, overrides):
 ])
 def test_fake_peak_matches_a_real_cpu_step(name, overrides):
     """Planner (fake tensors, CPU attention path) vs the trainer's real step: peak within 15%."""
-    fake = _run_in_process("fake_rank", name, overrides, 1, 0, "sdpa")["peak_bytes"]
-    real = _run_in_process("real_step_peak", name, overrides)["peak_bytes"]
+    fake = _run_in_process("plan_fake_rank", name, overrides, 1, 0, "sdpa")["peak_bytes"]
+    real = _run_in_process("plan_real_step_peak", name, overrides)["peak_bytes"]
     assert abs(fake - real) <= 0.15 * real, (fake, real)
 
 
 def test_bad_layout_is_a_one_line_config_error():
-    out = subprocess.run([PY, "-m", "parallel.plan", "--config", "configs/tiny.yaml", "--world-size", "8",
+    out = subprocess.run([PY, "-m", "planner.plan", "--config", "configs/tiny.yaml", "--world-size", "8",
                           "parallel.tp=3"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert out.returncode == 2
     assert out.stderr.strip() == "config error: parallel.tp=3 does not divide model.n_heads=4"
@@ -136,7 +98,7 @@ def test_layout_that_cannot_fit_says_which_part_exceeds_what():
 def test_sweep_ranks_layouts_and_writes_json(tmp_path):
     out_json = tmp_path / "sweep.json"
     out = subprocess.run(
-        [PY, "-m", "parallel.plan", "--config", "configs/tiny.yaml", "--sweep", "--gpus", "16", "--gpu", "h100",
+        [PY, "-m", "planner.plan", "--config", "configs/tiny.yaml", "--sweep", "--gpus", "16", "--gpu", "h100",
          "--tp", "1,3", "--pp", "1", "--ac", "none", "--json", str(out_json)],
         capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -167,7 +129,7 @@ def test_7b_layouts_at_world_128(layout, ac, tmp_path):
     """The 7B config at true shapes on 128 fake ranks, every pipeline stage: runs and reports."""
     out_json = tmp_path / "plan.json"
     out = subprocess.run(
-        [PY, "-m", "parallel.plan", "--config", "configs/7b.yaml", "--world-size", "128", "--gpu", "h100",
+        [PY, "-m", "planner.plan", "--config", "configs/7b.yaml", "--world-size", "128", "--gpu", "h100",
          "--json", str(out_json), *SEVEN_B[layout], f"parallel.activation_checkpoint={ac}"],
         capture_output=True, text=True, env=ENV, cwd=REPO, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]

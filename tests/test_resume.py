@@ -15,9 +15,10 @@ import torch
 
 from config import ConfigError
 from tests.conftest import REPO
-from trainer.checkpoint import Checkpointer, checkpoint_dirs, load_checkpoint, resolve_resume
+from tests.helpers import checkpoint_manager
+from trainer.checkpoint import checkpoint_dirs, resolve_resume
 from trainer.preemption import REQUEUE_EXIT_CODE, TrainingDiverged
-from trainer.train import Trainer, train
+from trainer.train import make_engine, train
 
 SMALL = ["model.n_layers=2", "train.batch_size=2", "train.seq_len=128", "model.max_seq_len=128",
          "logging.wandb=disabled", "logging.log_every=1", "data.source=synthetic", "train.device=cpu",
@@ -95,8 +96,7 @@ def test_kill_during_async_save_leaves_previous_checkpoint_usable(tmp_path):
 
 def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
     root = tmp_path / "checkpoints"
-    trainer = Trainer(tiny_cfg)
-    Checkpointer(root, keep_last=2).save(3, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+    checkpoint_manager(tiny_cfg, make_engine(tiny_cfg), root, keep_last=2)[0].save(3)
     (root / ".tmp_step_00000006").mkdir()  # a save that crashed half way
     (root / ".tmp_step_00000006" / "train_state.pt").write_bytes(b"partial")
     assert resolve_resume("auto", root) == root / "step_00000003"
@@ -106,25 +106,26 @@ def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
 
 def test_async_save_commits_and_keeps_last_k_plus_every_m(tiny_cfg, tmp_path):
     root = tmp_path / "checkpoints"
-    trainer = Trainer(tiny_cfg)
-    ckpt = Checkpointer(root, keep_last=2, keep_every=4, async_save=True)
+    engine = make_engine(tiny_cfg)
+    ckpt, state = checkpoint_manager(tiny_cfg, engine, root, keep_last=2, keep_every=4, async_save=True)
     for step in range(1, 7):
-        trainer.step = step
-        ckpt.save(step, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+        state.step = step
+        ckpt.save(step)
     ckpt.wait()
     assert [p.name for p in checkpoint_dirs(root)] == ["step_00000004", "step_00000005", "step_00000006"]
-    state, _ = load_checkpoint(root / "step_00000006", trainer.pm.parts, trainer.optimizer, tiny_cfg.to_dict())
-    assert state["step"] == 6
+    reader, state = checkpoint_manager(tiny_cfg, engine, root)
+    reader.load(root / "step_00000006")
+    assert state.step == 6
 
 
 def test_unsafe_config_change_is_refused_with_the_fields(tiny_cfg, tmp_path):
-    trainer = Trainer(tiny_cfg)
-    path = Checkpointer(tmp_path, keep_last=1).save(1, trainer.pm.parts, trainer.optimizer, trainer.train_state(), {})
+    engine = make_engine(tiny_cfg)
+    path = checkpoint_manager(tiny_cfg, engine, tmp_path, keep_last=1)[0].save(1)
     changed = tiny_cfg.to_dict()
     changed["model"]["d_model"] = 256
     changed["optim"]["lr"] = 1.0  # safe: allowed
     with pytest.raises(ConfigError, match=r"model.d_model: 128 -> 256") as e:
-        load_checkpoint(path, trainer.pm.parts, trainer.optimizer, changed)
+        checkpoint_manager(tiny_cfg, engine, tmp_path, config=changed)[0].load(path)
     assert "optim" not in str(e.value)
 
 
@@ -153,8 +154,8 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch)
         train(tiny_cfg)
     saved = checkpoint_dirs(tiny_cfg.output_dir / "checkpoints")
     assert [p.name for p in saved] == ["step_00000000"]
-    trainer = Trainer(tiny_cfg)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    result = trainer.train_step([poisoned(tiny_cfg).__next__()])
-    assert result.skipped and trainer.step == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    engine = make_engine(tiny_cfg)
+    before = [p.detach().clone() for p in engine.parts[0].parameters()]
+    result = engine.train_step([poisoned(tiny_cfg).__next__()], 0)
+    assert result.skipped and engine.scheduler.last_epoch == 0  # no optimizer/LR step was taken
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.parts[0].parameters()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import subprocess
@@ -12,53 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from streaming import MDSWriter
 
-from data_prep.schema import TEXT_COLUMNS, image_columns
 from tests.conftest import REPO
+from tests.helpers import batch_digest, keys_of, recorded_loaders, streaming_overrides, write_shards
 from config import load_config
 from trainer.data import build_loader
-
-LATENT = (4, 8, 8)
-
-
-def write_shards(root, n_images=60, n_texts=80, seed=0):
-    rng = np.random.default_rng(seed)
-    with MDSWriter(out=str(root / "images"), columns=image_columns(LATENT), size_limit=1 << 16) as w:
-        for i in range(n_images):
-            w.write({
-                "key": f"img{i}", "caption": f"caption {i}",
-                "caption_ids": rng.integers(10, 500, size=int(rng.integers(1, 12))).astype(np.int32),
-                "latent_mean": rng.standard_normal(LATENT).astype(np.float16),
-                "latent_std": (0.1 * rng.random(LATENT)).astype(np.float16),
-                "orig_size": np.array([28, 28], dtype=np.int32),
-            })
-    with MDSWriter(out=str(root / "text"), columns=TEXT_COLUMNS, size_limit=1 << 16) as w:
-        for i in range(n_texts):
-            body = rng.integers(10, 500, size=int(rng.integers(5, 150)))
-            w.write({"key": f"t{i}", "tokens": np.concatenate([[1], body, [2]]).astype(np.int32)})
-
-
-def streaming_overrides(root, *extra):
-    return [
-        "data.source=streaming", "logging.wandb=disabled",
-        f"data.streams=[{{path: {root / 'images'}, kind: image, proportion: 1}}, "
-        f"{{path: {root / 'text'}, kind: text, proportion: 1}}]",
-        *extra,
-    ]
-
-
-def batch_digest(batch) -> str:
-    h = hashlib.sha256()
-    for name in ("tokens", "kv_lo", "kv_hi", "text_targets", "latents", "image_slots", "image_max_t"):
-        h.update(getattr(batch, name).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
 
 RESUME_SCRIPT = """
 import pickle, sys
 from trainer.data import build_loader
-from tests.test_streaming_loader import batch_digest, streaming_overrides
+from config import load_config
+from tests.helpers import batch_digest, streaming_overrides
 from pathlib import Path
 root, state_file, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 cfg = load_config("configs/tiny.yaml", streaming_overrides(root))
@@ -83,8 +46,8 @@ def test_resume_in_fresh_process_matches_uninterrupted(shards, tmp_path):
     expected = [batch_digest(next(loader)) for _ in range(4)]
     proc = subprocess.run(
         [sys.executable, "-c", RESUME_SCRIPT, str(shards), str(tmp_path / "state.pkl"), "4"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+    )  # the script imports tests.helpers: the checkout on the child's path, whatever the caller's environment
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == expected
     # Text and image positions are mixed 1:1 by tokens, within one document of each other.
@@ -116,31 +79,11 @@ def test_shards_that_do_not_fit_the_model_are_refused(shards, tmp_path):
         (shards / "images" / "dataset_info.json").unlink()
 
 
-def recorded_loaders(cfg, world, taken):
-    """One loader per rank of `world`; every sample a source reads is appended to `taken` as
-    (stream, epoch, key)."""
-    loaders = [build_loader(cfg, rank, world) for rank in range(world)]
-    for loader in loaders:
-        src, read = loader.source, loader.source._next_sample
-
-        def recording(i, read=read, src=src):
-            sample, epoch, pos = read(i)
-            taken.append((i, epoch, sample["key"]))
-            return sample, epoch, pos
-
-        src._next_sample = recording
-    return loaders
-
-
 @pytest.fixture(scope="module")
 def big_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("big_shards")
     write_shards(root, n_images=240, n_texts=300, seed=1)
     return root
-
-
-def keys_of(taken, stream, epoch=0):
-    return [k for s, e, k in taken if s == stream and e == epoch]
 
 
 def test_ranks_read_disjoint_parts_covering_each_epoch(big_shards):

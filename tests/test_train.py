@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from trainer.data import build_loader
 from trainer.optim import lr_at
-from trainer.train import Trainer, train
+from trainer.train import make_engine, train
 
 
 def test_overfits_fixed_batch(tiny_cfg):
@@ -19,8 +19,8 @@ def test_overfits_fixed_batch(tiny_cfg):
     tiny_cfg.train.steps = 200
     batch = next(build_loader(tiny_cfg))
     assert batch.num_images > 0 and batch.num_text_tokens() > 0
-    trainer = Trainer(tiny_cfg)
-    hist = [trainer.train_step([batch]) for _ in range(200)]
+    engine = make_engine(tiny_cfg)
+    hist = [engine.train_step([batch], step) for step in range(200)]
     first_lm = sum(r.lm_loss for r in hist[:5]) / 5
     first_diff = sum(r.diffusion_loss for r in hist[:5]) / 5
     last_lm = sum(r.lm_loss for r in hist[-10:]) / 10
@@ -81,16 +81,16 @@ def test_loader_resume_yields_identical_batches(tiny_cfg):
 
 def test_bf16_autocast_step_runs(tiny_cfg):
     tiny_cfg.train.dtype = "bf16"
-    trainer = Trainer(tiny_cfg)
-    result = trainer.train_step([next(build_loader(tiny_cfg))])
-    assert torch.isfinite(torch.tensor(result.loss)) and all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    engine = make_engine(tiny_cfg)
+    result = engine.train_step([next(build_loader(tiny_cfg))], 0)
+    assert torch.isfinite(torch.tensor(result.loss)) and all(p.dtype == torch.float32 for p in engine.parts[0].parameters())
 
 
 def test_step_loss_is_the_mean_over_all_tokens_and_images_of_its_micro_batches(tiny_cfg):
     """Two micro-batches with different amounts of text and images: the step's losses weigh every
     text target and every image once (a mean of per-micro-batch means would not)."""
     tiny_cfg.train.grad_accum = 2
-    trainer = Trainer(tiny_cfg)
+    engine = make_engine(tiny_cfg)
     batches = []
     for fraction in (0.8, 0.2):  # mostly text, then mostly images
         tiny_cfg.data.text_fraction = fraction
@@ -100,12 +100,12 @@ def test_step_loss_is_the_mean_over_all_tokens_and_images_of_its_micro_batches(t
     ce, mse = [], []
     with torch.no_grad():
         for micro, b in enumerate(batches):
-            noisy, t, noise = trainer._noised(b, micro)
-            out = trainer.model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, t)
+            noisy, t, noise = engine.objective.inputs(b, 0, micro)
+            out = engine.parts[0](b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, t)
             ce.append(F.cross_entropy(out.logits.flatten(0, 1), b.text_targets.flatten(), ignore_index=-100,
                                       reduction="sum").item())
             mse.append((out.noise_pred - noise).pow(2).flatten(1).mean(1).sum().item())
-    result = trainer.train_step(batches)
+    result = engine.train_step(batches, 0)
     assert result.lm_loss == pytest.approx(sum(ce) / sum(texts), rel=1e-5)
     assert result.diffusion_loss == pytest.approx(sum(mse) / sum(images), rel=1e-5)
     # The batches are different enough that a mean of means would be outside those tolerances.

@@ -1,24 +1,26 @@
-"""Training checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, resumable anywhere.
+"""Training checkpoints: Stateful objects registered once, saved atomically, resumed anywhere.
 
-A checkpoint is a folder `step_{N:08d}` holding the DCP shards of model + optimizer state (under
-the plain model's parameter names, whatever the layout, so a run saved with FSDP resumes with TP or
-one process), `train_state.pt` (step, LR schedule, config, wandb run id) and one `rank_{r}.pt` per
-process with its data-loader state. It is written under a temporary name and renamed by rank 0 once
-every rank has finished, so a crash mid-save never leaves a loadable half: only `step_*` folders
-are ever loaded. No RNG state is needed: diffusion noise is seeded by (seed, step, micro-batch)
-and documents by their sample index.
+`CheckpointManager` (in the manner of torchtitan's) is handed the engine (model + optimizer, in the
+engine's own format: DCP shards under the plain model's parameter names, or DeepSpeed's partition
+files under `deepspeed/`), the global Stateful objects (the trainer's counters, the LR schedule) and
+the per-rank ones (the data loader). It owns when to save (`checkpoint.interval`, the last step, a
+preemption; `keep_last`/`keep_every` retention) and how to load (`checkpoint.resume`: the latest
+that verifies, or a path; a loader saved by another number of data-parallel ranks continues
+elastically). Its public API is `load()` and `save()`/`maybe_save()`.
+
+A checkpoint is a folder `step_{N:08d}`: the engine's files, `train_state.pt` (format, config, step
+and every global state by name) and one `rank_{r}.pt` per process with its per-rank states. It is
+written under a temporary name and renamed by rank 0 once every rank has finished, so a crash
+mid-save never leaves a loadable half: only `step_*` folders are ever loaded. No RNG state is
+needed: diffusion noise is seeded by (seed, step, micro-batch) and documents by their sample index.
 
 Integrity (trainer/checkpoint_files.py): our state files are pickle-free, `manifest.json` holds the
 size and SHA-256 of every file, and weights are checked to be finite before a save and after a
 load. A resume verifies before it loads: with `resume: auto` a damaged newest checkpoint is skipped
 with a warning naming the damaged files and the step it falls back to; an explicit path that fails
 stops with one line; where checkpoints exist but none is usable the run stops rather than start
-from scratch. Retention never deletes the newest checkpoint saved after a clean step.
-
-With `parallel.engine=deepspeed` the model and optimizer state are DeepSpeed's own partition files
-under `step_N/deepspeed/` instead of DCP shards (train_state.pt says which: `format`); everything
-else (atomic commit, retention, loader state, config check) is shared. Each engine resumes only its
-own format; `python -m inference.convert` reads both.
+from scratch. Retention never deletes the newest checkpoint saved after a clean step. Each engine
+resumes only its own format; `python -m inference.convert` reads both.
 """
 
 from __future__ import annotations
@@ -30,15 +32,13 @@ import sys
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from config import ConfigError
+from config import CheckpointConfig, ConfigError
+from parallel.engine import STATE_FILE, TrainingDiverged, TrainingEngine, checkpoint_format
 
 from .checkpoint_files import (
     TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, all_finite, digest_share, list_files, load_plain, read_manifest,
@@ -51,21 +51,18 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled", categ
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Config sections whose change makes a checkpoint unusable; everything else may change on resume.
 UNSAFE_SECTIONS = ("model", "diffusion")
-
-
+ENGINE_NAMES = {"dcp": "parallel.engine=torch", "deepspeed": "parallel.engine=deepspeed"}
 T = TypeVar("T")
-DCP, DEEPSPEED = "dcp", "deepspeed"  # train_state["format"]
 
 
-def checkpoint_format(path: Path) -> str | None:
-    """'dcp' or 'deepspeed' for a complete checkpoint folder, None otherwise."""
-    if not (path / "train_state.pt").is_file():
-        return None
-    if (path / ".metadata").is_file():
-        return DCP
-    if (path / DEEPSPEED).is_dir():
-        return DEEPSPEED
-    return None
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class UnsafeToSave(TrainingDiverged):
+    """The weights or optimizer state hold NaN/Inf: saving them would poison the newest checkpoint."""
 
 
 def checkpoint_dirs(root: Path, complete_only: bool = True) -> list[Path]:
@@ -79,25 +76,6 @@ def checkpoint_dirs(root: Path, complete_only: bool = True) -> list[Path]:
 
 def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
-
-
-def merge_parts(parts: list[nn.Module]) -> nn.Module:
-    """One module whose parameter names equal the full model's, over this rank's model parts.
-
-    Pipeline ranks may hold several stages; their `layers` are merged into one ModuleDict.
-    """
-    if len(parts) == 1:
-        return parts[0]
-    holder = nn.Module()
-    layers = nn.ModuleDict()
-    for part in parts:
-        for name, child in part.named_children():
-            if name == "layers":
-                layers.update(child)
-            else:
-                holder.add_module(name, child)
-    holder.add_module("layers", layers)
-    return holder
 
 
 def _rank() -> int:
@@ -135,23 +113,9 @@ def _warn(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-class UnsafeToSave(RuntimeError):
-    """The weights or optimizer state hold NaN/Inf: saving them would poison the newest checkpoint."""
-
-
-def weights_finite(parts: list[nn.Module], optimizer: Any = None, engine: Any = None) -> bool:
-    """True when every rank's local parameters (and optimizer moments) are finite; one all-reduce."""
-    if engine is not None:  # DeepSpeed: ZeRO-3 keeps this rank's partition in ds_tensor
-        tensors = [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
-    else:
-        def local(t: torch.Tensor) -> torch.Tensor:
-            return t.to_local() if hasattr(t, "to_local") else t
-
-        tensors = [local(p.detach()) for part in parts for p in part.parameters()]
-        if optimizer is not None:
-            tensors += [local(v) for st in optimizer.state.values() for v in st.values()
-                        if isinstance(v, torch.Tensor) and v.dim() > 0]
-    bad = (~all_finite(tensors)).to(torch.int32).reshape(1)
+def weights_finite(engine: TrainingEngine) -> bool:
+    """True when every rank's shards of the weights and optimizer moments are finite; one all-reduce."""
+    bad = (~all_finite(engine.local_tensors())).to(torch.int32).reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             bad = bad.cuda()
@@ -159,51 +123,64 @@ def weights_finite(parts: list[nn.Module], optimizer: Any = None, engine: Any = 
     return not bool(bad.item())
 
 
-class Checkpointer:
-    """Saves (optionally asynchronously) and prunes checkpoints under one root folder."""
+class CheckpointManager:
+    """Saves, prunes and resumes the registered state under one root folder (see the module docstring).
 
-    def __init__(self, root: Path, keep_last: int, keep_every: int = 0, async_save: bool = False) -> None:
-        self.root, self.keep_last, self.keep_every, self.async_save = root, keep_last, keep_every, async_save
+    `train_state`: the trainer's counters, the top-level fields of train_state.pt (what tools read:
+    step, tokens_seen, ...); `states`: other global Stateful objects, saved there under their names;
+    `rank_states`: per-rank ones (rank_{r}.pt), which may implement `load_elastic_state(states)` to
+    continue from the states of every rank of a layout with another number of data-parallel ranks.
+    `dp`: (this rank's data-parallel rank, the data-parallel size).
+    """
+
+    def __init__(
+        self, cfg: CheckpointConfig, root: Path, engine: TrainingEngine, config: dict[str, Any],
+        train_state: Stateful, states: dict[str, Stateful] | None = None, rank_states: dict[str, Stateful] | None = None,
+        dp: tuple[int, int] = (0, 1), total_steps: int | None = None,
+    ) -> None:
+        self.cfg, self.root, self.engine, self.config = cfg, root, engine, config
+        self.train_state, self.states, self.rank_states = train_state, states or {}, rank_states or {}
+        self.dp, self.total_steps = dp, total_steps
+        self.last_saved: Path | None = None
+        self.resumed_from: Path | None = None
         self._pending: tuple[Future, Path, Path, dict] | None = None
+        self._saved_step: int | None = None
 
-    def save(
-        self, step: int, parts: list[nn.Module], optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
-        rank_state: dict[str, Any], engine: Any = None,
-    ) -> Path:
-        """Write checkpoint `step`; with async_save the DCP write overlaps training until the next call.
+    # ---- saving ---------------------------------------------------------------------------------
+    def maybe_save(self, step: int, preempted: bool = False, clean: bool = True) -> Path | None:
+        """Save when it is time: every `interval` steps, at the last step, or on a preemption."""
+        due = (self.cfg.interval and step % self.cfg.interval == 0) or step == self.total_steps
+        # After a skipped step the step number has not moved: it is saved again only for a preemption.
+        due = due and step != self._saved_step
+        return self.save(step, clean) if self.cfg.enabled and (due or preempted) else None
 
-        `engine`: a DeepSpeedEngine, whose own partition files then replace the DCP shards.
-        `train_state["bad_steps"]` > 0 marks the checkpoint as not clean (see `_prune`). Raises
-        UnsafeToSave, writing nothing, when the weights or optimizer moments are not finite.
-        """
+    def save(self, step: int, clean: bool = True) -> Path:
+        """Write checkpoint `step` (with async_save, the engine's write overlaps training until the next
+        call). `clean=False` (after skipped steps) keeps retention from counting it as a good one.
+        Raises UnsafeToSave, writing nothing, when the weights or optimizer moments are not finite."""
         self.wait()
-        if not weights_finite(parts, optimizer, engine):
+        if not weights_finite(self.engine):
             raise UnsafeToSave(f"the weights or optimizer state hold NaN/Inf at step {step}: not saved, so the "
-                               "newest checkpoint stays a good one")
+                               f"newest checkpoint stays a good one; the last good checkpoint is "
+                               f"{self.last_saved or self.resumed_from}")
         final, tmp = self.root / f"step_{step:08d}", self.root / f".tmp_step_{step:08d}"
-        info = {"step": step, "clean": int(train_state.get("bad_steps", 0)) == 0}
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        save_plain(rank_state, tmp / f"rank_{_rank():05d}.pt")
+        save_plain({"dp": self.dp, **{k: s.state_dict() for k, s in self.rank_states.items()}},
+                   tmp / f"rank_{_rank():05d}.pt")
         if _rank() == 0:
-            save_plain({**train_state, "format": DEEPSPEED if engine is not None else DCP}, tmp / "train_state.pt")
-        if engine is not None:
-            from parallel.deepspeed_engine import save_engine_checkpoint
-
-            if self.async_save:
-                raise ConfigError("checkpoint.async_save is not supported with parallel.engine=deepspeed")
-            save_engine_checkpoint(engine, tmp)
+            save_plain({"format": self.engine.format, "config": self.config, "step": step,
+                        **self.train_state.state_dict(), **{k: s.state_dict() for k, s in self.states.items()}},
+                       tmp / STATE_FILE)
+        info = {"step": step, "clean": clean}
+        future = self.engine.save(tmp, self.cfg.async_save)
+        if future is None:
             self._commit(tmp, final, info)
-            return final
-        model_sd, optim_sd = get_state_dict(merge_parts(parts), optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        if self.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final, info)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(tmp, final, info)
+            self._pending = (future, tmp, final, info)
+        self.last_saved, self._saved_step = final, step
         return final
 
     def wait(self) -> None:
@@ -234,9 +211,56 @@ class Checkpointer:
         done = checkpoint_dirs(self.root, complete_only=False)
         clean = [d for d in done if _is_clean(d)]
         protected = {clean[-1]} if clean else set()
-        for old in done[: -self.keep_last]:
-            if old not in protected and not (self.keep_every and step_of(old) % self.keep_every == 0):
+        for old in done[: -self.cfg.keep_last]:
+            if old not in protected and not (self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0):
                 shutil.rmtree(old, ignore_errors=True)
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load(self, resume: str | Path | None = None) -> Path | None:
+        """Resume from `resume` (default `checkpoint.resume`: auto | none | a path); returns the folder
+        loaded, or None when there is nothing to resume from."""
+        found = _first_usable(str(resume if resume is not None else self.cfg.resume), self.root, self._load_from)
+        self.resumed_from = None if found is None else found[0]
+        return self.resumed_from
+
+    def _load_from(self, path: Path) -> None:
+        """Load the engine, then every registered state; refuses another model/diffusion config,
+        listing the fields, and a checkpoint of the other engine."""
+        saved = load_plain(path / STATE_FILE)
+        diffs = config_differences(saved["config"], self.config)
+        if diffs:
+            raise ConfigError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs))
+        fmt = checkpoint_format(path)
+        if fmt != self.engine.format:
+            raise ConfigError(
+                f"checkpoint {path} was written by {ENGINE_NAMES.get(fmt, fmt)} and resumes only with it (this run "
+                f"uses {ENGINE_NAMES[self.engine.format]}); `python -m inference.convert` still reads its weights"
+            )
+        self.engine.load(path)
+        if not weights_finite(self.engine):
+            raise CheckpointDamaged(path, ["its weights or optimizer state hold NaN/Inf"])
+        self.train_state.load_state_dict(saved)
+        for name, state in self.states.items():
+            state.load_state_dict(saved[name])
+        self._load_rank_states(path)
+
+    def _load_rank_states(self, path: Path) -> None:
+        rank_file = path / f"rank_{_rank():05d}.pt"
+        mine = load_plain(rank_file) if rank_file.is_file() else {}
+        if not self.rank_states:
+            return
+        if tuple(mine.get("dp", ())) == tuple(self.dp):
+            for name, state in self.rank_states.items():
+                state.load_state_dict(mine[name])
+            return
+        old = data_parallel_states(path)
+        for name, state in self.rank_states.items():
+            try:
+                report = state.load_elastic_state([s[name] for s in old])
+                if _rank() == 0:
+                    print(f"data-parallel ranks {len(old)} -> {self.dp[1]}: the data continues ({report})")
+            except (AttributeError, NotImplementedError) as e:
+                log.warning("data-parallel size changed since %s: the data order restarts (%s: %s)", path, name, e)
 
 
 def _is_clean(path: Path) -> bool:
@@ -318,16 +342,6 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return None if found is None else found[0]
 
 
-def resume_checkpoint(
-    resume: str, root: Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer, config: dict,
-    engine: Any = None,
-) -> tuple[Path, dict, dict] | None:
-    """Verify and load the checkpoint `resume` names (see resolve_resume) into the parts/optimizer or
-    DeepSpeed engine; returns (path, train_state, rank_state), or None when there is none."""
-    found = _first_usable(resume, root, lambda path: load_checkpoint(path, parts, optimizer, config, engine))
-    return None if found is None else (found[0], *found[1])
-
-
 def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = UNSAFE_SECTIONS) -> list[str]:
     """Dotted keys whose values differ between two config dicts, within `sections`."""
 
@@ -337,39 +351,6 @@ def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = U
         return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
     return [d for s in sections for d in walk(saved.get(s), current.get(s), s)]
-
-
-def load_checkpoint(
-    path: Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer, config: dict, engine: Any = None,
-) -> tuple[dict, dict]:
-    """Load model + optimizer into this rank's (parallelised) parts or DeepSpeed `engine`; return
-    (train_state, rank_state). Refuses a checkpoint whose model or diffusion config differs, listing
-    the fields, and one written by the other engine.
-    """
-    train_state = load_plain(path / "train_state.pt")
-    diffs = config_differences(train_state["config"], config)
-    if diffs:
-        raise ConfigError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs))
-    fmt, want = checkpoint_format(path), DEEPSPEED if engine is not None else DCP
-    if fmt != want:
-        engines = {DCP: "parallel.engine=torch", DEEPSPEED: "parallel.engine=deepspeed"}
-        raise ConfigError(
-            f"checkpoint {path} was written by {engines.get(fmt, fmt)} and resumes only with it (this run uses "
-            f"{engines[want]}); `python -m inference.convert` still reads its weights"
-        )
-    if engine is not None:
-        from parallel.deepspeed_engine import load_engine_checkpoint
-
-        load_engine_checkpoint(engine, path)
-    else:
-        module = merge_parts(parts)
-        model_sd, optim_sd = get_state_dict(module, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if not weights_finite(parts, None if engine is not None else optimizer, engine):
-        raise CheckpointDamaged(path, ["its weights or optimizer state hold NaN/Inf"])
-    return train_state, _rank_state(path)
 
 
 def data_parallel_states(path: Path) -> list[dict]:
@@ -383,8 +364,3 @@ def data_parallel_states(path: Path) -> list[dict]:
     if len(sizes) != 1 or sorted(by_dp) != list(range(sizes.pop())):
         raise ConfigError(f"checkpoint {path}: the per-rank data states (rank_*.pt) are incomplete")
     return [by_dp[r] for r in sorted(by_dp)]
-
-
-def _rank_state(path: Path) -> dict:
-    rank_file = path / f"rank_{_rank():05d}.pt"
-    return load_plain(rank_file) if rank_file.is_file() else {}

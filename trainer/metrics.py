@@ -45,10 +45,13 @@ class MetricsLogger:
 
     def __init__(
         self, cfg: LoggingConfig, output_dir: Path, config: dict[str, Any], enabled: bool = True,
-        resume_id: str | None = None,
+        resume_id: str | None = None, peak_flops: float | None = None,
     ) -> None:
         self.cfg, self.enabled, self.run = cfg, enabled, None
         self.jsonl = output_dir / "metrics.jsonl"
+        self.history: list[dict[str, float]] = []  # every step's row (all ranks)
+        self.peak_flops = peak_flops  # all GPUs' dense bf16 peak, for the MFU
+        self._logged = 0  # history rows already summarised in a log line
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,13 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in metrics.items()]
         print(" | ".join(parts), file=sys.stdout, flush=True)
+
+    def record(self, step: int, row: dict[str, float], last: bool = False) -> None:
+        """Keep one step's row; every `log_every` steps (and at the `last`) log the window's summary."""
+        self.history.append(row)
+        if step % self.cfg.log_every == 0 or last:
+            self.log(step, window_summary(self.history[self._logged:], self.peak_flops))
+            self._logged = len(self.history)
 
     def event(self, message: str) -> None:
         """A one-off message (skipped step, preemption) for the log."""

@@ -38,3 +38,16 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_at` (its state is just the step, so it checkpoints trivially)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+
+
+class AdamWCosine:
+    """The engines' OptimizerFactory: AdamW (decay on matrices only) with warmup + cosine LambdaLR."""
+
+    def __init__(self, cfg: OptimConfig, total_steps: int) -> None:
+        self.cfg, self.total_steps = cfg, total_steps
+
+    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.AdamW:
+        return build_optimizer_for(params, self.cfg)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return build_scheduler(optimizer, self.cfg, self.total_steps)

@@ -17,6 +17,10 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from parallel.engine import TrainingDiverged
+
+__all__ = ["REQUEUE_EXIT_CODE", "Preempted", "PreemptionWatcher", "TrainingDiverged", "process_exit_code"]
+
 REQUEUE_EXIT_CODE = 42
 
 
@@ -35,10 +39,6 @@ class Preempted(Exception):
     def __init__(self, exit_code: int = REQUEUE_EXIT_CODE) -> None:
         self.exit_code = process_exit_code(exit_code)
         super().__init__(f"preempted (exit {self.exit_code})")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps."""
 
 
 class PreemptionWatcher:

@@ -1,8 +1,9 @@
 """Training entry point: `[torchrun --nproc-per-node N -m] python -m trainer.train --config configs/tiny.yaml [k=v ...]`.
 
 One step = grad_accum micro-batches of packed rows -> L_LM + lambda * L_DDPM -> clip -> AdamW ->
-LR schedule. Diffusion noise for each micro-batch comes from a generator seeded by (seed, step,
-micro-batch), so a run is reproducible from its config alone.
+LR schedule, run by the configured engine (parallel/engine.py). The loop below only sequences the
+pieces: the engine owns the step, CheckpointManager owns saving and resuming the registered state,
+MetricsLogger the log lines (docs/architecture.md §6).
 """
 
 from __future__ import annotations
@@ -10,32 +11,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor.parallel import loss_parallel
 
-from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
 from config import Config, ConfigError, load_config
+from model import PackedBatch, TransfusionModel
 from parallel.dims import DistEnv, ParallelDims, init_distributed
-from parallel.grad_clip import clip_grad_norm
-from parallel.parallelize import ParallelModel, parallelize
+from parallel.engine import StepResult, TrainingEngine, build_engine
 from parallel.plan_flops import step_model_flops
 from parallel.plan_hardware import gpu_for_device_name
 
-from .checkpoint import Checkpointer, UnsafeToSave, data_parallel_states, resume_checkpoint
+from .checkpoint import CheckpointManager, UnsafeToSave
 from .data import build_loader
-from .metrics import MetricsLogger, window_summary
-from .optim import build_optimizer_for, build_scheduler
+from .metrics import MetricsLogger
+from .optim import AdamWCosine
 from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
 from .redact import redact
+from .train_state import ScheduleState, TrainState
 
 log = logging.getLogger("trainer")
 
@@ -48,331 +44,106 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def noise_generator(device: torch.device, seed: int, step: int, micro: int) -> torch.Generator:
-    """A generator whose stream depends only on (seed, step, global micro-batch): resumable noise,
-    and the same noise for a micro-batch whichever data-parallel rank processes it."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 1009 + micro)
-    return gen
-
-
-@dataclass
-class StepResult:
-    loss: float
-    lm_loss: float
-    diffusion_loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    skipped: bool = False  # a non-finite loss or gradient: no update was made
-
-
-def image_capacity(cfg: Config) -> int:
-    """Most images one micro-batch can hold (pipeline buffers are sized for it)."""
-    return cfg.train.batch_size * (cfg.train.seq_len // (cfg.model.patches_per_image + 2))
-
-
-class Trainer:
-    """Owns the (parallelised) model, optimizer and schedules; `train_step` runs one step."""
-
-    def __init__(self, cfg: Config, env: DistEnv | None = None) -> None:
-        self.cfg = cfg
-        p = cfg.parallel
-        self.env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
-        self.device = self.env.device
-        torch.manual_seed(cfg.train.seed)
-        with torch.device("meta") if p.meta_init else contextlib.nullcontext():
-            model = TransfusionModel(cfg.model)
-        self.schedule = NoiseSchedule(cfg.diffusion)
-        self._pp_losses: list[torch.Tensor] = []
-        self._norm: LossNorm | None = None  # this step's loss denominators (see train_step)
-        self.engine = None  # a DeepSpeedEngine when parallel.engine=deepspeed
-        if p.engine == "deepspeed":
-            self._init_deepspeed(model)
-        else:
-            self.pm = parallelize(
-                model, self.env, p, cfg.train.dtype, cfg.train.grad_accum, image_capacity(cfg), self._pipeline_loss
-            )
-            self.model = self.pm.parts[0]
-            self.optimizer = build_optimizer_for(list(self.pm.parameters()), cfg.optim)
-            self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.step = 0
-
-    def _init_deepspeed(self, model: TransfusionModel) -> None:
-        """DeepSpeed ZeRO engine over the plain model (pure data parallel; tp = pp = 1 is validated)."""
-        from parallel.activation import apply_activation_checkpointing, apply_compile
-        from parallel.deepspeed_engine import build_engine
-
-        p = self.cfg.parallel
-        apply_activation_checkpointing(model, p.activation_checkpoint, p.activation_checkpoint_every)
-        if p.compile:
-            apply_compile(model)
-        self.engine, self.scheduler = build_engine(model, self.cfg, self.device)
-        self.model = self.engine.module
-        self.pm = ParallelModel([self.model])
-        self.optimizer = self.engine.optimizer
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _loss_context(self) -> contextlib.AbstractContextManager:
-        return loss_parallel() if self.pm.loss_parallel else contextlib.nullcontext()
-
-    def _pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
-        logits, noise_pred, noise = outputs
-        losses = transfusion_loss(
-            ModelOutput(logits, noise_pred), text_targets, noise, self.cfg.diffusion.loss_weight, self._norm
-        )
-        self._pp_losses.append(torch.stack([losses.total, losses.lm, losses.diffusion]).detach())
-        return losses.total * self.env.dims.dp  # summed over micro-batches (scale_grads=False)
-
-    def _noised(self, batch: PackedBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        global_micro = self.env.dp_rank * self.cfg.train.grad_accum + micro
-        gen = noise_generator(self.device, self.cfg.train.seed, self.step, global_micro)
-        return self.schedule.sample_training_inputs(batch.latents, batch.image_max_t, gen)
-
-    def _step_norm(self, batches: list[PackedBatch]) -> LossNorm:
-        """The step's text targets and images over all micro-batches and data-parallel ranks."""
-        counts = torch.tensor([sum(b.num_text_tokens() for b in batches), sum(b.num_images for b in batches)],
-                              dtype=torch.int64, device=self.device)
-        if self.env.dims.dp > 1:
-            dist.all_reduce(counts, group=self.env.group("dp"))
-        return LossNorm(*counts.tolist())
-
-    def train_step(self, batches: list[PackedBatch]) -> StepResult:
-        """One optimizer step over `batches` (this rank's micro-batches).
-
-        The loss is the step's mean over every text target and every image of all micro-batches and
-        data-parallel ranks (not a mean of per-micro-batch means). Data-parallel gradient reduction
-        averages over ranks, so each rank back-propagates dp x its share.
-        """
-        batches = [b.to(self.device) for b in batches]
-        self._norm = self._step_norm(batches)
-        if self.engine is not None:
-            return self._deepspeed_step(batches)
-        self.pm.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        with self._loss_context():
-            totals = self._pipeline_step(batches) if self.pm.schedule else self._plain_step(batches)
-        tokens = sum(b.tokens.numel() for b in batches)
-        grad_norm = clip_grad_norm(
-            self.pm.parameters(), self.cfg.optim.grad_clip or float("inf"),
-            self.env.group("pp") if self.env.dims.pp > 1 else None,
-        )
-        if self.env.dims.dp > 1:
-            dist.all_reduce(totals, group=self.env.group("dp"))
-        # The grad norm and the losses are global, so every rank takes the same decision.
-        finite = bool(torch.isfinite(totals).all()) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        loss, lm, diff = totals.tolist()
-        return StepResult(loss, lm, diff, float(grad_norm), lr, tokens, skipped=not finite)
-
-    def _plain_step(self, batches: list[PackedBatch]) -> torch.Tensor:
-        totals = torch.zeros(3, device=self.device)
-        for micro, batch in enumerate(batches):
-            self.pm.set_gradient_sync(micro == len(batches) - 1)
-            noisy, t, noise = self._noised(batch, micro)
-            with self.autocast():
-                out = self.model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight, self._norm)
-            (losses.total * self.env.dims.dp).backward()
-            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach()
-        return totals
-
-    def _deepspeed_step(self, batches: list[PackedBatch]) -> StepResult:
-        """One step through the DeepSpeed engine: it scales each micro-batch loss by 1/grad_accum
-        (undone here), averages gradients over dp, clips, and runs our AdamW + LR schedule at the
-        last micro-batch."""
-        from parallel.deepspeed_engine import grad_norm
-
-        engine = self.engine
-        if len(batches) != engine.gradient_accumulation_steps():
-            raise ValueError(
-                f"DeepSpeed expects {engine.gradient_accumulation_steps()} micro-batches per step, got {len(batches)}"
-            )
-        engine.train()
-        lr = self.scheduler.get_last_lr()[0]
-        totals = torch.zeros(3, device=self.device)
-        for micro, batch in enumerate(batches):
-            noisy, t, noise = self._noised(batch, micro)
-            with self.autocast():
-                out = engine(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-                losses = transfusion_loss(out, batch.text_targets, noise, self.cfg.diffusion.loss_weight, self._norm)
-            engine.backward(losses.total * (self.env.dims.dp * len(batches)))
-            engine.step()  # optimizer + LR schedule only at the accumulation boundary
-            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
-        self.step += 1
-        if self.env.dims.dp > 1:
-            dist.all_reduce(totals, group=self.env.group("dp"))
-        loss, lm, diff = totals.tolist()
-        norm = grad_norm(engine)
-        if not (torch.isfinite(totals).all() and math.isfinite(norm)):
-            # DeepSpeed has already applied the update (it skips only fp16 overflows), so the
-            # weights are suspect: stop without saving them.
-            raise TrainingDiverged(
-                f"non-finite loss {loss} or grad norm {norm} at step {self.step} under parallel.engine=deepspeed, "
-                "which cannot skip the update; nothing was saved. Resume from the last checkpoint with a lower "
-                "optim.lr, or check the data"
-            )
-        return StepResult(loss, lm, diff, norm, lr, sum(b.tokens.numel() for b in batches))
-
-    def _pipeline_step(self, batches: list[PackedBatch]) -> torch.Tensor:
-        kwarg_mbs, target_mbs = [], []
-        for micro, batch in enumerate(batches):
-            noisy, t, noise = self._noised(batch, micro)
-            kwarg_mbs.append({
-                "position_ids": batch.position_ids, "kv_lo": batch.kv_lo, "kv_hi": batch.kv_hi,
-                "is_image": batch.is_image, "noisy_latents": noisy, "timesteps": t, "noise": noise,
-            })
-            target_mbs.append(batch.text_targets)
-        self._pp_losses.clear()
-        first = any(part.is_first for part in self.pm.parts)
-        with self.autocast():
-            self.pm.schedule.step(
-                arg_mbs=[(b.tokens,) for b in batches] if first else None, kwarg_mbs=kwarg_mbs,
-                target_mbs=target_mbs if self.pm.has_last_stage else None, return_outputs=False,
-            )
-        totals = torch.zeros(3, device=self.device)
-        # Stage set-up on the first step also calls the loss function (shape inference): keep the real ones.
-        for losses in self._pp_losses[-len(batches):]:
-            totals += losses.float()
-        # Only the last stage computed the losses; share them with the other stages.
-        dist.all_reduce(totals, group=self.env.group("pp"))
-        return totals
-
-    def train_state(self, **extra: object) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": redact(self.cfg.to_dict()),
-                **extra}
-
-    def load_train_state(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        # The next step's lr comes from the optimizer's groups, which a DeepSpeed load does not set.
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
-
-
-def _micro_batches(loader: Iterator[PackedBatch], n: int) -> list[PackedBatch]:
-    return [next(loader) for _ in range(n)]
+def make_engine(cfg: Config, env: DistEnv | None = None) -> TrainingEngine:
+    """The configured engine over a freshly initialised model (one process when `env` is None)."""
+    env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta") if cfg.parallel.meta_init else contextlib.nullcontext():
+        model = TransfusionModel(cfg.model)
+    return build_engine(model, cfg, env, AdamWCosine(cfg.optim, cfg.train.steps))
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
     """Run the configured training on this process's share of the layout; returns per-step metrics.
 
-    Resumes from `checkpoint.resume`, saves every `checkpoint.interval` steps, and on SIGUSR1 or
-    SIGTERM finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
+    Resumes per `checkpoint.resume`, saves per `checkpoint.interval`, and on SIGUSR1 or SIGTERM
+    finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    p = cfg.parallel = cfg.parallel.resolved(world)
-    device_type = None if cfg.train.device == "auto" else cfg.train.device
-    env = init_distributed(ParallelDims.from_config(p), device_type=device_type)
-    trainer = Trainer(cfg, env)
+    cfg.parallel = cfg.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
+    env = init_distributed(ParallelDims.from_config(cfg.parallel),
+                           device_type=None if cfg.train.device == "auto" else cfg.train.device)
+    engine = make_engine(cfg, env)
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
-    out, ck = cfg.output_dir, cfg.checkpoint
-    checkpointer = Checkpointer(out / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save)
-    wandb_id, tokens_seen, resume_from = None, 0, None
-    config = redact(cfg.to_dict())  # what checkpoints and wandb hold (no secrets)
-    resumed = resume_checkpoint(ck.resume, out / "checkpoints", trainer.pm.parts, trainer.optimizer, config,
-                                trainer.engine)
-    if resumed is not None:
-        resume_from, state, rank_state = resumed
-        trainer.load_train_state(state)
-        wandb_id = state.get("wandb_id")
-        tokens_seen = int(state.get("tokens_seen", 0))
-        if rank_state.get("dp") == (env.dp_rank, env.dims.dp):
-            loader.load_state_dict(rank_state["loader"])
-        else:
-            old = data_parallel_states(resume_from)
-            try:
-                report = loader.load_elastic_state([s["loader"] for s in old])
-                if env.is_main:
-                    print(f"data-parallel ranks {len(old)} -> {env.dims.dp}: the data continues ({report})")
-            except NotImplementedError as e:
-                log.warning("data-parallel size changed since %s: the data order restarts (%s)", resume_from, e)
-    logger = MetricsLogger(cfg.logging, out, config, enabled=env.is_main, resume_id=wandb_id)
-    if env.is_main:
-        n = f"{trainer.model.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
-        start = f"resuming at step {trainer.step} from {resume_from}" if resume_from else "starting"
-        print(f"model: {n}on {env.device} x {env.dims.world_size} ({env.dims}); {start}; {cfg.train.steps} steps")
-    gpu = gpu_for_device_name(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
-    peak_flops = gpu.bf16_flops * env.dims.world_size if gpu is not None else None  # for MFU
-    preemption = PreemptionWatcher()
-    history: list[dict[str, float]] = []
-    last_ckpt: Path | None = None
-    bad_steps, exit_code, logged = 0, 0, 0  # logged: history rows already summarised in a log line
-
-    def save() -> Path:
-        try:
-            return checkpointer.save(
-                trainer.step, trainer.pm.parts, trainer.optimizer,
-                trainer.train_state(wandb_id=logger.run_id, tokens_seen=tokens_seen, bad_steps=bad_steps),
-                {"loader": loader.state_dict(), "dp": (env.dp_rank, env.dims.dp)}, trainer.engine,
-            )
-        except UnsafeToSave as e:
-            prefix = f"{bad_steps} consecutive non-finite steps at step {trainer.step}; " if bad_steps else ""
-            raise TrainingDiverged(f"{prefix}{e}; the last good checkpoint is {last_ckpt or resume_from}") from None
-
+    state, config, out = TrainState(), redact(cfg.to_dict()), cfg.output_dir  # config: no secrets
+    ckpt = CheckpointManager(cfg.checkpoint, out / "checkpoints", engine, config, state,
+                             {"scheduler": ScheduleState(engine.scheduler)}, {"loader": loader},
+                             dp=(env.dp_rank, env.dims.dp), total_steps=cfg.train.steps)
+    ckpt.load()
+    logger = MetricsLogger(cfg.logging, out, config, enabled=env.is_main, resume_id=state.wandb_id,
+                           peak_flops=_peak_flops(env))
+    state.wandb_id = logger.run_id
+    _announce(engine, env, state, ckpt, cfg)
+    preemption, preempted = PreemptionWatcher(), False
     try:
-        while trainer.step < cfg.train.steps:
+        while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            batches = _micro_batches(loader, cfg.train.grad_accum)
-            result = trainer.train_step(batches)
-            dt = time.perf_counter() - t0
-            step = trainer.step
+            batches = [next(loader) for _ in range(cfg.train.grad_accum)]
+            result = engine.train_step(batches, state.step)
             if result.skipped:
-                bad_steps += 1
-                logger.event(f"step {step + 1}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
-                             f"update skipped ({bad_steps} in a row)")
-                if bad_steps >= ck.max_bad_steps:
-                    saved = f"saved {save()}" if ck.enabled else "checkpoints are disabled"
-                    raise TrainingDiverged(
-                        f"{bad_steps} consecutive non-finite steps at step {step}; {saved}. "
-                        "Lower optim.lr, check the data, or resume from an earlier checkpoint."
-                    )
-                continue
-            bad_steps = 0
-            tokens_seen += result.tokens * env.dims.dp
-            metrics = {
-                "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
-                "grad_norm": result.grad_norm, "lr": result.lr,
-                "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": tokens_seen, "step_s": dt,
-                "model_flops": step_model_flops(cfg.model, batches) * env.dims.dp,  # the global step's
-            }
-            history.append(metrics)
-            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                logger.log(step, window_summary(history[logged:], peak_flops))
-                logged = len(history)
+                _count_bad_step(result, state, ckpt, logger, cfg.checkpoint.max_bad_steps)
+            else:
+                state.step, state.bad_steps = state.step + 1, 0
+                state.tokens_seen += result.tokens * env.dims.dp
+                logger.record(state.step, _row(result, batches, time.perf_counter() - t0, state, cfg, env),
+                              last=state.step == cfg.train.steps)
             preempted = preemption.requested()
-            if ck.enabled and (preempted or (ck.interval and step % ck.interval == 0) or step == cfg.train.steps):
-                last_ckpt = save()
+            ckpt.maybe_save(state.step, preempted, clean=state.bad_steps == 0)
             if preempted:
-                logger.event(f"preemption signal: saved step {step} to {last_ckpt}; exiting for requeue")
+                logger.event(f"preemption signal: saved step {state.step} to {ckpt.last_saved}; exiting for requeue")
                 if env.is_main:  # tells slurm/pretrain_7b.sh to requeue (torchrun hides exit codes)
-                    (out / "REQUEUE").write_text(f"{step}\n")
-                exit_code = REQUEUE_EXIT_CODE
+                    (out / "REQUEUE").write_text(f"{state.step}\n")
                 break
-        checkpointer.wait()
+        ckpt.wait()
     finally:
         run_dir = logger.run_dir
         logger.close()
         preemption.restore()
     if env.is_main:
-        print(f"done: {trainer.step} steps; outputs in {out}")
-        if last_ckpt is not None:
-            print(f"checkpoint: {last_ckpt}")
-        if run_dir is not None:
-            print(f"wandb run: {run_dir}")
-    if exit_code:
-        raise Preempted(exit_code)
-    return history
+        print(f"done: {state.step} steps; outputs in {out}" + "".join(
+            f"\n{what}: {where}" for what, where in (("checkpoint", ckpt.last_saved), ("wandb run", run_dir)) if where))
+    if preempted:
+        raise Preempted(REQUEUE_EXIT_CODE)
+    return logger.history
+
+
+def _peak_flops(env: DistEnv) -> float | None:
+    """All GPUs' dense bf16 peak (for the MFU), when the device is a GPU we know."""
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(env.device)) if env.device.type == "cuda" else None
+    return gpu.bf16_flops * env.dims.world_size if gpu is not None else None
+
+
+def _announce(engine: TrainingEngine, env: DistEnv, state: TrainState, ckpt: CheckpointManager, cfg: Config) -> None:
+    if env.is_main:
+        n = f"{engine.num_params() / 1e6:.2f}M parameters " if env.dims.world_size == 1 else ""
+        start = f"resuming at step {state.step} from {ckpt.resumed_from}" if ckpt.resumed_from else "starting"
+        print(f"model: {n}on {env.device} x {env.dims.world_size} ({env.dims}); {start}; {cfg.train.steps} steps")
+
+
+def _row(result: StepResult, batches: list[PackedBatch], dt: float, state: TrainState, cfg: Config,
+         env: DistEnv) -> dict[str, float]:
+    """One step's metrics (global over data-parallel ranks)."""
+    return {
+        "loss": result.loss, "lm_loss": result.lm_loss, "diffusion_loss": result.diffusion_loss,
+        "grad_norm": result.grad_norm, "lr": result.lr,
+        "tokens_per_s": result.tokens * env.dims.dp / dt, "tokens_seen": state.tokens_seen, "step_s": dt,
+        "model_flops": step_model_flops(cfg.model, batches) * env.dims.dp,
+    }
+
+
+def _count_bad_step(result: StepResult, state: TrainState, ckpt: CheckpointManager, logger: MetricsLogger,
+                    max_bad_steps: int) -> None:
+    """A skipped (non-finite) step; after `max_bad_steps` in a row, save what is safe and stop."""
+    state.bad_steps += 1
+    logger.event(f"step {state.step + 1}: non-finite loss {result.loss} or grad norm {result.grad_norm}; "
+                 f"update skipped ({state.bad_steps} in a row)")
+    if state.bad_steps < max_bad_steps:
+        return
+    prefix = f"{state.bad_steps} consecutive non-finite steps at step {state.step}; "
+    try:
+        saved = f"saved {ckpt.save(state.step, clean=False)}" if ckpt.cfg.enabled else "checkpoints are disabled"
+    except UnsafeToSave as e:
+        raise TrainingDiverged(f"{prefix}{e}") from None
+    raise TrainingDiverged(f"{prefix}{saved}. Lower optim.lr, check the data, or resume from an earlier checkpoint.")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

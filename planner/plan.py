@@ -1,11 +1,11 @@
 """Scale rehearsal planner: one fake-mode training step of the real model at true shapes.
 
-    python -m parallel.plan --config configs/7b.yaml [overrides] --world-size 128 --gpu h100
-    python -m parallel.plan --config configs/7b.yaml --sweep --gpus 128 --gpu h100 [--json out.json]
+    python -m planner.plan --config configs/7b.yaml [overrides] --world-size 128 --gpu h100
+    python -m planner.plan --config configs/7b.yaml --sweep --gpus 128 --gpu h100 [--json out.json]
 
 For a config and layout, runs rank 0 (and one rank of every pipeline stage) through forward, loss,
 backward, clipping and AdamW on fake tensors over a fake process group of the full world size
-(parallel/plan_step.py), and reports per rank the peak memory and its split from torch's memory
+(planner/step.py), and reports per rank the peak memory and its split from torch's memory
 tracker, the model FLOPs (span attention from the batch's spans), the bytes of every collective per
 mesh dimension, and a roofline estimate of step time, tokens/s/GPU and MFU on a named GPU
 (parallel/plan_hardware.py). Batches come from the synthetic source at the config's shapes
@@ -26,11 +26,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from config import Config, ConfigError, load_config
+from parallel.plan_flops import batch_flops
+from parallel.plan_hardware import (
+    COLLECTIVE_LATENCY_S, FRAGMENTATION, GPUS, OVERLAP_NOTE, RESERVED_BYTES, GPU, GiB, link_bw, step_time, usable_bytes,
+)
+from trainer.data import build_loader
 
-from .plan_flops import batch_flops
-from .plan_hardware import COLLECTIVE_LATENCY_S, GPU, GPUS, OVERLAP_NOTE, RESERVED_BYTES, FRAGMENTATION, GiB, link_bw, step_time, usable_bytes
-from .plan_runtime import ring_bytes
-from .plan_step import RankResult, run_rank
+from .runtime import ring_bytes
+from .step import RankResult, run_rank
 
 PLAN_DEFAULTS = ["data.source=synthetic", "data.text_fraction=0.2", "checkpoint.enabled=false", "logging.wandb=disabled"]
 
@@ -138,8 +141,6 @@ def plan_layout(cfg: Config, world_size: int, gpu: GPU, jobs: int = 1) -> Layout
     st = max(times, key=lambda s: s.total_s)
     report.step_s = st.total_s
     report.time_split = {k: round(v, 4) for k, v in dataclasses.asdict(st).items()}
-    from trainer.data import build_loader
-
     loader = build_loader(cfg, 0, p.dp_replicate * p.dp_shard)
     per_micro = sum(f.total for f in batch_flops(cfg.model, next(loader)).values())
     dp = p.dp_replicate * p.dp_shard

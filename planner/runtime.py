@@ -1,4 +1,4 @@
-"""Machinery for the planner's fake-mode training step (parallel/plan.py).
+"""Machinery for the planner's fake-mode training step (planner/plan.py).
 
 Fake tensors carry shapes and no data, so three things need help to run the project's real code:
 - `RealShadow` keeps a real copy of every small integer/bool tensor (tokens, spans, masks, targets)

@@ -2,7 +2,7 @@
 
 Builds the project's model from the config, applies the project's `parallelize()` on a fake process
 group of the full world size, and runs forward, loss, backward, gradient clipping and the AdamW step
-under torch's memory tracker and the planner's FLOP/collective counter (parallel/plan_runtime.py).
+under torch's memory tracker and the planner's FLOP/collective counter (planner/runtime.py).
 
 Gradient accumulation: the trainer disables FSDP gradient sync on all but the last micro-batch, so
 the peak is reached on the last one (it carries the unsharded gradient accumulators of the earlier
@@ -35,18 +35,19 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
 from config import Config
+from model import LossNorm, ModelOutput, NoiseSchedule, PackedBatch, TransfusionModel, transfusion_loss
+from parallel.dims import MESH_DIMS, DistEnv, ParallelDims
+from parallel.engine import image_capacity
+from parallel.grad_clip import clip_grad_norm
+from parallel.parallelize import parallelize
+from parallel.pipeline import SCHEDULES, stage_ids_for_rank
+from parallel.plan_flops import batch_flops
+from parallel.plan_hardware import GPU, GPUS_PER_NODE
 from trainer.data import build_loader
 from trainer.optim import build_optimizer_for
 
-from .dims import MESH_DIMS, DistEnv, ParallelDims
-from .grad_clip import clip_grad_norm
-from .parallelize import parallelize
-from .plan_flops import batch_flops
-from .plan_hardware import GPU, GPUS_PER_NODE
-from .plan_runtime import CURRENT_WORK, AttentionWork, Counter, RealShadow, group_dims, plan_attention, to_fake
-from .pipeline import SCHEDULES, stage_ids_for_rank
+from .runtime import CURRENT_WORK, AttentionWork, Counter, RealShadow, group_dims, plan_attention, to_fake
 
 MEMORY_GROUPS = {
     "parameters": ("Sharded Param", "Unsharded Param", "Buffer", "Parameter"),
@@ -186,6 +187,23 @@ def _to_same_device_is_noop():  # noqa: ANN202
         nn.Module.to = orig
 
 
+@contextlib.contextmanager
+def _deepcopy_keeps_fake_mode():  # noqa: ANN202
+    """Pipeline stages are deep copies of the model (parallel/pipeline.py); deep-copying a fake
+    tensor also deep-copies its FakeTensorMode, and tensors of two modes cannot meet in one op:
+    make the copies share this step's mode."""
+    had = "__deepcopy__" in FakeTensorMode.__dict__
+    orig = FakeTensorMode.__dict__.get("__deepcopy__")
+    FakeTensorMode.__deepcopy__ = lambda self, memo: self
+    try:
+        yield
+    finally:
+        if had:
+            FakeTensorMode.__deepcopy__ = orig
+        else:
+            del FakeTensorMode.__deepcopy__
+
+
 def run_rank(cfg: Config, rank: int, gpu: GPU, attention: str = "plan") -> RankResult:
     """Run one training step of `rank` (cfg.parallel resolved to the world size) on fake tensors.
 
@@ -221,8 +239,6 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
         noised.append(schedule.sample_training_inputs(b.latents, b.image_max_t, gen))
     norm = LossNorm(sum(b.num_text_tokens() for b in real_batches) * dims.dp,
                     sum(b.num_images for b in real_batches) * dims.dp)
-    from trainer.train import image_capacity
-
     with fake, shadow:
         torch.manual_seed(cfg.train.seed)
         model = TransfusionModel(cfg.model)
@@ -230,11 +246,14 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
         lw = cfg.diffusion.loss_weight
 
         def pipeline_loss(outputs: tuple, targets: torch.Tensor) -> torch.Tensor:
-            """trainer.Trainer._pipeline_loss without its bookkeeping."""
-            logits, noise_pred, noise = outputs
-            return transfusion_loss(ModelOutput(logits, noise_pred), targets, noise, lw, norm).total * dims.dp
+            """The torch engine's pipeline loss without its bookkeeping: the last stage returns
+            (final-normed hidden, noise_pred, noise); the LM head is read at text targets only."""
+            hidden, noise_pred, noise = outputs
+            head = next(part.output for part in pm.parts if part.is_last)  # pm: bound below, before any call
+            out = ModelOutput(noise_pred=noise_pred, hidden=hidden, head=head)
+            return transfusion_loss(out, targets, noise, lw, norm).total * dims.dp
 
-        with _to_same_device_is_noop():
+        with _to_same_device_is_noop(), _deepcopy_keeps_fake_mode():
             pm = parallelize(model, env, cfg.parallel, cfg.train.dtype, cfg.train.grad_accum, image_capacity(cfg),
                              pipeline_loss)
         params = list(pm.parameters())
@@ -312,8 +331,6 @@ def _plain_step(c: _StepContext) -> dict[str, float]:
 
 def _boundary_spec(model, cfg, dims, fake, batch, noised) -> list[tuple[tuple[int, ...], torch.dtype]]:  # noqa: ANN001
     """Shapes/dtypes of what one pipeline stage sends the next: (h, *U-Net skips padded to capacity)."""
-    from trainer.train import image_capacity
-
     noisy, t, _ = noised
     bf16 = cfg.train.dtype == "bf16"
     sharded_bf16 = bf16 and dims.dp > 1
@@ -425,7 +442,7 @@ def _actions(sched, cfg, pp_rank: int, A) -> list:  # noqa: ANN001
 
 
 def _comm_record(env):  # noqa: ANN001, ANN202
-    from .plan_runtime import CommRecord
+    from .runtime import CommRecord
 
     ranks = dist.get_process_group_ranks(env.group("pp"))
     return CommRecord(group_size=len(ranks), intra_node=len({r // GPUS_PER_NODE for r in ranks}) == 1)
