@@ -30,6 +30,10 @@ class ParallelConfig:
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_virtual_stages: int = 2  # stages per rank for the interleaved / zero-bubble schedules
     reshard_after_forward: bool = True  # True: ZeRO-3; False: ZeRO-2-like
+    # FSDP gradient reduce-scatter with grad_accum > 1 (no pipeline): on the step's last micro-batch only
+    # (less traffic; every rank keeps unsharded fp32 gradient accumulators between micro-batches), or after
+    # every micro-batch (grad_accum x the reduce-scatters; gradients stay sharded). See the README's planner table.
+    grad_sync: Literal["last_micro_batch", "every_micro_batch"] = "last_micro_batch"
     cpu_offload: bool = False
     activation_checkpoint: Literal["none", "full", "every_k"] = "none"
     activation_checkpoint_every: int = 2

@@ -76,7 +76,7 @@ class TorchEngine(TrainingEngine):
                 return self._pipeline_forward_backward(batches, step, norm)
             totals = torch.zeros(3, device=self.device)
             for micro, batch in enumerate(batches):
-                self.pm.set_gradient_sync(micro == len(batches) - 1)
+                self.pm.set_gradient_sync(micro == len(batches) - 1 or self.cfg.parallel.grad_sync == "every_micro_batch")
                 with self.autocast():
                     losses = self.objective(self.parts[0], batch, step, self.global_micro(micro), norm)
                 (losses.total * self.env.dims.dp).backward()

@@ -56,7 +56,8 @@ def layout_of(cfg: Config) -> dict:
     p, t = cfg.parallel, cfg.train
     return {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp,
             "pp_schedule": p.pp_schedule if p.pp > 1 else "-", "ac": p.activation_checkpoint,
-            "micro_batch": t.batch_size, "grad_accum": t.grad_accum}
+            "micro_batch": t.batch_size, "grad_accum": t.grad_accum,
+            "grad_sync": p.grad_sync if p.pp == 1 and t.grad_accum > 1 else "-"}
 
 
 def _measured_model_flops(r: RankResult) -> float:

@@ -21,6 +21,7 @@ LAYOUTS = {
     2: {
         "fsdp2": ["parallel.dp_shard=2"],
         "zero2_fsdp2": ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+        "fsdp2_sync_every_micro": ["parallel.dp_shard=2", "parallel.grad_sync=every_micro_batch"],
         "tp2_sp": ["parallel.tp=2"],
         "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
         "pp2_interleaved": ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
