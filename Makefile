@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-$(DEPS_HASH)
 PYTEST_ARGS ?= -m "not slow"
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv demo test test-all gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ test: venv
 
 test-all: venv
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU: kernel tests compiled, attention backends timed at 7B shapes, 160m
+# trained vs the planner's prediction (benchmarks/gpu_check.py; report in outputs/gpu_check/).
+# Exits 2 without a GPU; GPU_CHECK_ARGS="--cpu-smoke" checks the plumbing on CPU.
+gpu-check: venv
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,9 +1,18 @@
 """Shared fixtures. Triton kernels run on CPU through the interpreter, which must be enabled before
-triton is first imported."""
+triton is first imported.
+
+TRANSFUSION_TEST_DEVICE=cuda (set by benchmarks/gpu_check.py) runs the kernel tests
+(tests/test_kernels_*.py) on the GPU instead: their tensors go to TEST_DEVICE and the Triton kernels
+are compiled, so the interpreter is switched off ("0": the files' setdefault then leaves it off).
+Unset, nothing changes: CPU tensors, interpreted kernels."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("TRANSFUSION_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cuda":
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from pathlib import Path  # noqa: E402

@@ -1,4 +1,7 @@
-"""Backend selection of `kernels.span_attention`, the availability probes and the flash-attn layout."""
+"""Backend selection of `kernels.span_attention`, the availability probes and the flash-attn layout.
+
+The tests that run the Triton kernel put its tensors on TEST_DEVICE (tests/conftest.py: the GPU, compiled,
+with TRANSFUSION_TEST_DEVICE=cuda); the others check CPU behaviour and stay on the CPU."""
 
 import os
 
@@ -16,6 +19,7 @@ import kernels  # noqa: E402
 from kernels import dispatch, flex  # noqa: E402
 from kernels.flash import cu_seqlens_from_spans, flash_unavailable  # noqa: E402
 from kernels.spans import is_document_causal, spans_from_documents  # noqa: E402
+from tests.conftest import TEST_DEVICE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,13 +29,11 @@ def spans(rows: list[list[tuple[int, list[tuple[int, int]]]]], S: int):
     return torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built])
 
 
-def inputs(S=48, H=2, H_kv=1, D=16, grad=False):
+def inputs(S=48, H=2, H_kv=1, D=16, grad=False, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, S, H, D, generator=gen, requires_grad=grad)
-    k = torch.randn(2, S, H_kv, D, generator=gen, requires_grad=grad)
-    v = torch.randn(2, S, H_kv, D, generator=gen, requires_grad=grad)
+    q, k, v = (torch.randn(2, S, h, D, generator=gen).to(device).requires_grad_(grad) for h in (H, H_kv, H_kv))
     lo, hi = spans([[(20, [(3, 10)]), (20, [])], [(48, [(0, 30)])]], S)
-    return q, k, v, lo, hi
+    return q, k, v, lo.to(device), hi.to(device)
 
 
 def test_auto_order_and_cpu_choice():
@@ -54,7 +56,7 @@ def test_triton_needs_gpu_or_interpreter(monkeypatch):
 
 
 def test_named_triton_runs_under_interpreter_with_grads():
-    q, k, v, lo, hi = inputs(grad=True)
+    q, k, v, lo, hi = inputs(grad=True, device=TEST_DEVICE)
     assert kernels.backend_unavailable("triton", q) is None
     out = kernels.span_attention(q, k, v, lo, hi, backend="triton")
     ref = kernels.span_attention(q, k, v, lo, hi, backend="sdpa")
@@ -187,6 +189,7 @@ def test_named_backends_survive_shape_changes(name, monkeypatch):
         _stand_in_flash_attn(monkeypatch)
     monkeypatch.setattr(flex, "COMPILE", False)
     grad = name in ("sdpa", "triton")
+    device = TEST_DEVICE if name == "triton" else "cpu"  # the others' cases are CPU by design
     for B, S in [(2, 48), (3, 40), (1, 57)]:
         rows = []
         for r in range(B):
@@ -195,9 +198,9 @@ def test_named_backends_survive_shape_changes(name, monkeypatch):
                 rows.append([(third, []), (S - third - r, [])])
             else:
                 rows.append([(third, [(1, third // 2)]), (S - third - r, [(0, 5 + r)])])
-        lo, hi = spans(rows, S)
+        lo, hi = (x.to(device) for x in spans(rows, S))
         gen = torch.Generator().manual_seed(S)
-        q, k, v = (torch.randn(B, S, h, 16, generator=gen, requires_grad=grad) for h in (4, 2, 2))
+        q, k, v = (torch.randn(B, S, h, 16, generator=gen).to(device).requires_grad_(grad) for h in (4, 2, 2))
         with torch.set_grad_enabled(grad), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out = kernels.span_attention(q, k, v, lo, hi, backend=name)

@@ -2,6 +2,7 @@
 
 Tolerances: fp32 atol 1e-5, rtol 1e-5; bf16 inputs vs an fp32 reference on the same rounded inputs:
 max abs error <= 2e-2 x max |reference|. CPU flex has no backward, so only the forward is tested.
+Tensors live on TEST_DEVICE (tests/conftest.py: the GPU with TRANSFUSION_TEST_DEVICE=cuda).
 """
 
 import random
@@ -14,6 +15,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from kernels import flex
 from kernels.reference import sdpa_span_attention
 from kernels.spans import spans_from_documents
+from tests.conftest import TEST_DEVICE
 
 
 def packing(S: int, seed: int, kinds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,13 +38,12 @@ def packing(S: int, seed: int, kinds: list[str]) -> tuple[torch.Tensor, torch.Te
                 docs.append((length, images))
                 used += length
         rows.append(spans_from_documents(docs, S))
-    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    return torch.stack([r[0] for r in rows]).to(TEST_DEVICE), torch.stack([r[1] for r in rows]).to(TEST_DEVICE)
 
 
 def qkv(B, S, H, H_kv, D, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, S, H, D, generator=gen), torch.randn(B, S, H_kv, D, generator=gen),
-            torch.randn(B, S, H_kv, D, generator=gen))
+    return tuple(torch.randn(B, S, h, D, generator=gen).to(TEST_DEVICE) for h in (H, H_kv, H_kv))
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +74,7 @@ def test_forward_matches_reference_fp32(S, kinds, H, H_kv, D):
 def test_queries_are_the_tail_of_a_longer_context():
     S_k, S = 300, 140
     lo, hi = spans_from_documents([(100, []), (150, [(20, 60)]), (50, [(0, 30)])], S_k)
-    lo, hi = lo[None, S_k - S :], hi[None, S_k - S :]
+    lo, hi = lo[None, S_k - S :].to(TEST_DEVICE), hi[None, S_k - S :].to(TEST_DEVICE)
     q, _, _ = qkv(1, S, 2, 1, 32, seed=5)
     _, k, v = qkv(1, S_k, 2, 1, 32, seed=6)
     out = flex.flex_span_attention(q, k, v, lo, hi, compile=False)
@@ -114,7 +115,7 @@ def test_compiled_forward_survives_shape_changes():
 def test_block_mask_matches_create_block_mask(S):
     lo, hi = packing(S, seed=3, kinds=["short_docs", "image_first", "image_fills_row", "text_only"])
     ours = flex.build_span_block_mask(lo, hi)
-    ref = create_block_mask(flex.span_mask_mod(lo, hi), lo.shape[0], None, S, S, device="cpu")
+    ref = create_block_mask(flex.span_mask_mod(lo, hi), lo.shape[0], None, S, S, device=TEST_DEVICE)
     assert torch.equal(ours.to_dense(), ref.to_dense())
     if S % flex.FLEX_BLOCK == 0:  # ragged tails may be classified differently; both are correct
         assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)

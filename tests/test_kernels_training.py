@@ -1,9 +1,11 @@
-"""The model trains with the Triton span kernel (interpreted on CPU) exactly like with SDPA."""
+"""The model trains with the Triton span kernel (interpreted on CPU; compiled on the GPU with
+TRANSFUSION_TEST_DEVICE=cuda, tests/conftest.py) exactly like with SDPA."""
 
 import pytest
 import torch
 
 from trainer.data import build_loader
+from tests.conftest import TEST_DEVICE
 from trainer.train import make_engine
 
 
@@ -14,6 +16,7 @@ def test_triton_backend_trains_like_sdpa(tiny_cfg, codec):
     cfg.model.n_layers = 2
     cfg.train.seq_len = cfg.model.max_seq_len = 64
     cfg.train.batch_size = 2
+    cfg.train.device = TEST_DEVICE
     loader = build_loader(cfg)
     batches = [next(loader) for _ in range(3)]
     losses = {}

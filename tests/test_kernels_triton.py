@@ -1,4 +1,5 @@
-"""Triton span-attention kernels vs the SDPA reference, under TRITON_INTERPRET=1 on CPU.
+"""Triton span-attention kernels vs the SDPA reference, under TRITON_INTERPRET=1 on CPU (compiled on
+the GPU with TRANSFUSION_TEST_DEVICE=cuda, tests/conftest.py; there the cases also run in bf16).
 
 Tolerances: fp32 vs the fp32 reference atol 2e-5, rtol 1e-5 (observed ~2e-6); fp16 / bf16 inputs
 vs an fp32 reference on the same rounded inputs: max abs error <= 2e-3 (fp16) / 2e-2 (bf16) times
@@ -21,6 +22,7 @@ from kernels.spans import (  # noqa: E402
     cdiv, key_block_bounds, mask_tile_counts, query_block_bounds, spans_from_documents,
 )
 from kernels.triton_span import BlockSizes, triton_span_attention, triton_tile_counts  # noqa: E402
+from tests.conftest import TEST_DEVICE  # noqa: E402
 
 Docs = list[tuple[int, list[tuple[int, int]]]]
 
@@ -66,20 +68,20 @@ def random_docs(rng: random.Random, S: int, kind: str) -> Docs:
 
 
 def make_spans(S: int, kinds: list[str], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """kv_lo, kv_hi [len(kinds), S] int32, one row per kind."""
+    """kv_lo, kv_hi [len(kinds), S] int32 on TEST_DEVICE, one row per kind."""
     rng = random.Random(seed)
     rows = [spans_from_documents(random_docs(rng, S, kind), S) for kind in kinds]
-    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    return torch.stack([r[0] for r in rows]).to(TEST_DEVICE), torch.stack([r[1] for r in rows]).to(TEST_DEVICE)
 
 
 def make_qkv(B: int, S: int, H: int, H_kv: int, D: int, seed: int = 0, strided: bool = False):
-    """q [B, S, H, D], k/v [B, S, H_kv, D] fp32; strided=True slices them out of one fused tensor."""
+    """q [B, S, H, D], k/v [B, S, H_kv, D] fp32 on TEST_DEVICE (drawn on the CPU, so the values do not
+    depend on the device); strided=True slices them out of one fused tensor."""
     gen = torch.Generator().manual_seed(seed)
     if strided:
-        qkv = torch.randn(B, S, H + 2 * H_kv, D, generator=gen)
+        qkv = torch.randn(B, S, H + 2 * H_kv, D, generator=gen).to(TEST_DEVICE)
         return qkv[:, :, :H], qkv[:, :, H : H + H_kv], qkv[:, :, H + H_kv :]
-    return (torch.randn(B, S, H, D, generator=gen), torch.randn(B, S, H_kv, D, generator=gen),
-            torch.randn(B, S, H_kv, D, generator=gen))
+    return tuple(torch.randn(B, S, h, D, generator=gen).to(TEST_DEVICE) for h in (H, H_kv, H_kv))
 
 
 def run_both(q, k, v, lo, hi, dtype=torch.float32, blocks=None, deterministic=False, seed=1):
@@ -89,7 +91,7 @@ def run_both(q, k, v, lo, hi, dtype=torch.float32, blocks=None, deterministic=Fa
     ref = [x.to(dtype).float().detach().requires_grad_() for x in (q, k, v)]
     out = triton_span_attention(*low, lo, hi, blocks=blocks, deterministic=deterministic)
     out_ref = sdpa_span_attention(*ref, lo, hi)
-    grad = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(seed))
+    grad = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(seed)).to(out_ref.device)
     got = (out, *torch.autograd.grad(out, low, grad.to(dtype)))
     want = (out_ref, *torch.autograd.grad(out_ref, ref, grad))
     return got, want
@@ -129,10 +131,11 @@ def test_queries_are_the_tail_of_a_longer_context():
     """S_k > S: queries are the last S positions of the context (chunked prefill), spans index keys."""
     S_k, S = 120, 50
     lo, hi = spans_from_documents([(30, []), (60, [(10, 25)]), (30, [(0, 20)])], S_k)
-    lo, hi = lo[None, S_k - S :], hi[None, S_k - S :]  # [1, S]
+    lo, hi = lo[None, S_k - S :].to(TEST_DEVICE), hi[None, S_k - S :].to(TEST_DEVICE)  # [1, S]
     gen = torch.Generator().manual_seed(8)
-    q = torch.randn(1, S, 2, 32, generator=gen)
-    k, v = torch.randn(1, S_k, 1, 32, generator=gen), torch.randn(1, S_k, 1, 32, generator=gen)
+    q = torch.randn(1, S, 2, 32, generator=gen).to(TEST_DEVICE)
+    k, v = (torch.randn(1, S_k, 1, 32, generator=gen).to(TEST_DEVICE),
+            torch.randn(1, S_k, 1, 32, generator=gen).to(TEST_DEVICE))
     got, want = run_both(q, k, v, lo, hi, blocks=BlockSizes(16, 16, 16, 16))
     assert_close_fp32(got, want)
 
@@ -144,16 +147,33 @@ def test_queries_are_the_tail_of_a_longer_context():
 LOW_PRECISION_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+def assert_close_low_precision(got, want, dtype):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype
+        err = (a.float() - b).abs().max().item()
+        assert err <= LOW_PRECISION_TOL[dtype] * b.abs().max().item(), f"{name}: max error {err}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_matches_fp32_reference(dtype):
     S = 128
     lo, hi = make_spans(S, ["image_middle", "many_short"], seed=3)
     q, k, v = make_qkv(2, S, 2, 1, 64, seed=4)
     got, want = run_both(q, k, v, lo, hi, dtype=dtype, blocks=BlockSizes(32, 32, 32, 32))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        assert a.dtype == dtype
-        err = (a.float() - b).abs().max().item()
-        assert err <= LOW_PRECISION_TOL[dtype] * b.abs().max().item(), f"{name}: max error {err}"
+    assert_close_low_precision(got, want, dtype)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="compiled bf16 kernels: TRANSFUSION_TEST_DEVICE=cuda on a GPU")
+@pytest.mark.parametrize("case", sorted(FP32_CASES))
+def test_fp32_cases_in_bf16_compiled(case):
+    """The fp32 cases' packings and shapes in bf16 (the training dtype) through the compiled kernels."""
+    S, kinds, H, H_kv, D, blocks, strided = FP32_CASES[case]
+    lo, hi = make_spans(S, kinds, seed=len(case))
+    q, k, v = make_qkv(len(kinds), S, H, H_kv, D, strided=strided)
+    got, want = run_both(q, k, v, lo, hi, dtype=torch.bfloat16, blocks=blocks)
+    assert_close_low_precision(got, want, torch.bfloat16)
+    empty = hi <= lo
+    assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
 
 
 # ----------------------------------------------------------------------------- determinism
