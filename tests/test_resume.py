@@ -129,7 +129,8 @@ def test_unsafe_config_change_is_refused_with_the_fields(tiny_cfg, tmp_path):
     assert "optim" not in str(e.value)
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch):
+def poison_latents(monkeypatch) -> object:
+    """Make trainer.train's loader yield batches with NaN latents; returns the poisoned builder."""
     import trainer.train as train_mod
 
     real = train_mod.build_loader
@@ -147,9 +148,14 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch)
         loader.__class__ = Poisoned
         return loader
 
+    monkeypatch.setattr(train_mod, "build_loader", poisoned)
+    return poisoned
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch):
+    poisoned = poison_latents(monkeypatch)
     tiny_cfg.checkpoint.enabled = True
     tiny_cfg.checkpoint.max_bad_steps = 3
-    monkeypatch.setattr(train_mod, "build_loader", poisoned)
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps at step 0"):
         train(tiny_cfg)
     saved = checkpoint_dirs(tiny_cfg.output_dir / "checkpoints")
@@ -159,3 +165,19 @@ def test_non_finite_steps_are_skipped_then_training_stops(tiny_cfg, monkeypatch)
     result = engine.train_step([poisoned(tiny_cfg).__next__()], 0)
     assert result.skipped and engine.scheduler.last_epoch == 0  # no optimizer/LR step was taken
     assert all(torch.equal(a, b) for a, b in zip(before, engine.parts[0].parameters()))
+
+
+def test_a_preemption_during_skipped_steps_saves_and_requeues(tiny_cfg, monkeypatch):
+    """The preemption check runs after every step, a skipped (non-finite) one included."""
+    from trainer.preemption import Preempted, PreemptionWatcher
+
+    poison_latents(monkeypatch)
+    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: True)
+    tiny_cfg.checkpoint.enabled = True
+    tiny_cfg.checkpoint.max_bad_steps = 5
+    with pytest.raises(Preempted):
+        train(tiny_cfg)
+    [saved] = checkpoint_dirs(tiny_cfg.output_dir / "checkpoints")
+    assert saved.name == "step_00000000"
+    assert json.loads((saved / "manifest.json").read_text())["clean"] is False  # saved after a skipped step
+    assert (tiny_cfg.output_dir / "REQUEUE").read_text() == "0\n"
