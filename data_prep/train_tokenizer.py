@@ -23,6 +23,7 @@ if not __package__:  # run as a file (`python data_prep/train_tokenizer.py`): im
     __package__ = "data_prep"
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -32,11 +33,13 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from config import SpecialTokens
+
 from .cli import run_tool
 from .tokenizer import BOI_PIECE, EOI_PIECE, Tokenizer, special_tokens_path
 
 log = logging.getLogger("data_prep.train_tokenizer")
-EXPECTED_IDS = {"pad": 0, "bos": 1, "eos": 2, "boi": 3, "eoi": 4}
+EXPECTED_IDS = dataclasses.asdict(SpecialTokens())  # the model config's defaults: pad 0, bos 1, eos 2, boi 3, eoi 4
 UNK_ID = 5
 
 
