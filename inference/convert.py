@@ -19,7 +19,7 @@ import torch
 
 from config import ConfigError, DiffusionConfig, ModelConfig, from_dict
 from model.vq import VQError, check_vq, load_vq
-from parallel.engine import DEEPSPEED, STATE_FILE, read_full_weights
+from parallel.engine import DEEPSPEED, checkpoint_format, read_full_weights
 from trainer.checkpoint_files import (
     MANIFEST, TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, load_plain, verify_folder,
 )
@@ -34,7 +34,8 @@ from .tokenizer import TextTokenizer, TokenizerError
 
 VQ_DIR = "vq"
 def _is_checkpoint(p: Path) -> bool:
-    return (p / ".metadata").is_file() or ((p / DEEPSPEED).is_dir() and (p / STATE_FILE).is_file())
+    # A DCP folder without train_state.pt still counts, so the error names the missing config.
+    return (p / ".metadata").is_file() or checkpoint_format(p) is not None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

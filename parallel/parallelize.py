@@ -37,8 +37,10 @@ class ParallelModel:
         for part in self.parts:
             part.train()
 
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """Skip FSDP's gradient reduce-scatter on all but the last micro-batch of a step."""
+    def set_gradient_sync(self, micro: int, n_micro: int, grad_sync: str) -> None:
+        """Before micro-batch `micro` of `n_micro`: whether FSDP reduce-scatters its gradients after it
+        (`parallel.grad_sync`: on the step's last micro-batch only, or after every one)."""
+        enabled = grad_sync == "every_micro_batch" or micro == n_micro - 1
         for part in self.parts:
             if hasattr(part, "set_requires_gradient_sync"):
                 part.set_requires_gradient_sync(enabled)

@@ -46,7 +46,7 @@ def merge_parts(parts: list[nn.Module]) -> nn.Module:
         for name, child in part.named_children():
             if name == "layers":
                 layers.update(child)
-            elif child is not None:
+            else:
                 holder.add_module(name, child)
     holder.add_module("layers", layers)
     return holder
@@ -76,7 +76,7 @@ class TorchEngine(TrainingEngine):
                 return self._pipeline_forward_backward(batches, step, norm)
             totals = torch.zeros(3, device=self.device)
             for micro, batch in enumerate(batches):
-                self.pm.set_gradient_sync(micro == len(batches) - 1 or self.cfg.parallel.grad_sync == "every_micro_batch")
+                self.pm.set_gradient_sync(micro, len(batches), self.cfg.parallel.grad_sync)
                 with self.autocast():
                     losses = self.objective(self.parts[0], batch, step, self.global_micro(micro), norm)
                 (losses.total * self.env.dims.dp).backward()

@@ -316,7 +316,7 @@ def _plain_step(c: _StepContext) -> dict[str, float]:
     """Micro-batches as trainer/train.py runs them; returns how to scale the first one's counts."""
     model, n, dp = c.pm.parts[0], len(c.batches), c.env.dims.dp
     for micro, (b, (noisy, t, noise)) in enumerate(zip(c.batches, c.noised)):
-        c.pm.set_gradient_sync(micro == n - 1 or c.cfg.parallel.grad_sync == "every_micro_batch")
+        c.pm.set_gradient_sync(micro, n, c.cfg.parallel.grad_sync)
         c.counter.phase = "forward" if micro == n - 1 else "forward_accum"
         with c.loss_ctx():
             with c.autocast:

@@ -15,9 +15,12 @@ def train_with_checkpoints(cfg, env, out: str, save_at: int | None, resume: str 
     the DeepSpeed engine, the full weights at the save."""
     engine = make_engine(cfg, env)
     dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
-    ckpt, state = checkpoint_manager(cfg, engine, Path(out), keep_last=5)
-    if resume is not None:
-        ckpt.load(Path(resume))
+    step = 0
+    if resume is not None:  # read as its own run resumes it (inside its root: no trust warning)
+        reader, loaded = checkpoint_manager(cfg, engine, Path(resume).parent)
+        reader.load(Path(resume))
+        step = loaded.step
+    ckpt, state = checkpoint_manager(cfg, engine, Path(out), step=step, keep_last=5)
     result: dict = {"losses": []}
 
     def save() -> None:

@@ -44,6 +44,7 @@ from .checkpoint_files import (
     TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, all_finite, digest_share, list_files, load_plain, read_manifest,
     save_plain, verify_folder, write_manifest,
 )
+from .data import ElasticResumeUnsupported
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it assumes one process; that is intended here.
@@ -256,11 +257,14 @@ class CheckpointManager:
         old = data_parallel_states(path)
         for name, state in self.rank_states.items():
             try:
+                if not hasattr(state, "load_elastic_state"):
+                    raise ElasticResumeUnsupported(f"{type(state).__name__} has no load_elastic_state")
                 report = state.load_elastic_state([s[name] for s in old])
-                if _rank() == 0:
-                    print(f"data-parallel ranks {len(old)} -> {self.dp[1]}: the data continues ({report})")
-            except (AttributeError, NotImplementedError) as e:
+            except ElasticResumeUnsupported as e:
                 log.warning("data-parallel size changed since %s: the data order restarts (%s: %s)", path, name, e)
+                continue
+            if _rank() == 0:
+                print(f"data-parallel ranks {len(old)} -> {self.dp[1]}: the data continues ({report})")
 
 
 def _is_clean(path: Path) -> bool:

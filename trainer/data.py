@@ -11,6 +11,10 @@ from .documents import Document, DocumentBuilder, DocumentRecipe
 from .packing import SequencePacker, collate
 
 
+class ElasticResumeUnsupported(Exception):
+    """The state cannot continue on a layout with another number of data-parallel ranks."""
+
+
 class DocumentSource(Protocol):
     """What the loader needs from a source of documents (trainer/synthetic.py, trainer/streaming.py)."""
 
@@ -47,9 +51,9 @@ class PackedLoader:
     def load_elastic_state(self, states: list[dict]) -> str:
         """Continue from the loader states of every rank of a layout with another number of
         data-parallel ranks; returns what happened, for the log. The old packers' unfinished rows are
-        dropped (their documents were read). Raises NotImplementedError for sources without it."""
+        dropped (their documents were read). Raises ElasticResumeUnsupported for sources without it."""
         if not hasattr(self.source, "load_elastic_state"):
-            raise NotImplementedError(f"{type(self.source).__name__} cannot continue on another layout")
+            raise ElasticResumeUnsupported(f"{type(self.source).__name__} cannot continue on another layout")
         report = self.source.load_elastic_state([s["source"] for s in states])
         held = sum(len(s["packer"]["waiting"]) + len(s["packer"]["ready"]) + (s["packer"]["fill"] > 0)
                    for s in states)
