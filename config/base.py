@@ -21,12 +21,6 @@ class ConfigError(ValueError):
     """A config value or key a user must fix; the message is one line and names the key."""
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and lightly coerce, int -> float) `value` against the annotation `tp`."""
     origin = get_origin(tp)

@@ -1,7 +1,7 @@
 """Small CLI helpers shared by the data_prep tools: YAML defaults, logging, list arguments, errors.
 
 Every tool runs as `python -m data_prep.<tool>`, as `python data_prep/<tool>.py` (each tool starts
-with a few lines that make the file importable as part of the package when run that way) and as
+with one line that imports `data_prep/_as_package.py` when run that way) and as
 the console script `transfusion-<tool>` (pyproject.toml).
 """
 

@@ -28,12 +28,7 @@ With several workers, run `python -m data_prep.merge_index OUT` afterwards (one 
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python data_prep/encode_latents.py`): import it as part of the package
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "data_prep"
+if not __package__: import _as_package  # noqa: E701,F401 - run as a file: see data_prep/_as_package.py
 
 import argparse
 import logging
@@ -42,8 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from model.image_prep import scale_latents
+
 from .cli import local_abspath, parse_with_config, run_tool
-from .image_encoding import TOKENIZE_ERROR  # noqa: F401 - re-exported: the skip reason's home before image_encoding
 from .image_encoding import (CheckedImage, EncoderSetup, ImageChunkEncoder, build_encoder_parser, encode_images,
                              grid_side, pad_batch, resolve_device)
 from .schema import image_columns, latents_to_storage, storage_to_tensor
@@ -93,9 +89,7 @@ class LatentEncoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             dist = self.vae.encode(x).latent_dist  # parameters [B, 2C, h, w]
         mean, std = dist.mean[:n].float(), dist.std[:n].float()
-        if self.shift_factor is not None:
-            mean = mean - self.shift_factor
-        return (mean * self.scaling_factor).cpu(), (std * self.scaling_factor).cpu()
+        return scale_latents(mean, self.scaling_factor, self.shift_factor).cpu(), (std * self.scaling_factor).cpu()
 
 
 class ChunkEncoder(ImageChunkEncoder):

@@ -17,12 +17,7 @@ With several workers, run `python -m data_prep.merge_index OUT` afterwards (one 
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python data_prep/encode_vq_tokens.py`): import it as part of the package
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "data_prep"
+if not __package__: import _as_package  # noqa: E701,F401 - run as a file: see data_prep/_as_package.py
 
 import argparse
 import logging

@@ -19,12 +19,7 @@ documents are skipped and counted.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python data_prep/megatron_convert.py`)
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "data_prep"
+if not __package__: import _as_package  # noqa: E701,F401 - run as a file: see data_prep/_as_package.py
 
 import argparse
 import json

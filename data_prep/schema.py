@@ -160,9 +160,3 @@ def draw_latent(
     """One draw from the stored posterior: mean + std * eps (same shape as mean)."""
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
     return mean + std * eps
-
-
-def unscale_latents(z: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
-    """Scaled latents (as stored/trained on) -> the VAE's raw latent space, ready for vae.decode."""
-    z = z / scaling_factor
-    return z + shift_factor if shift_factor is not None else z

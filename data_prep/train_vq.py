@@ -14,12 +14,7 @@ images skipped and counted.
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python data_prep/train_vq.py`): import it as part of the package
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-    __package__ = "data_prep"
+if not __package__: import _as_package  # noqa: E701,F401 - run as a file: see data_prep/_as_package.py
 
 import argparse
 import logging

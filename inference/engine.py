@@ -1,10 +1,11 @@
 """Batched model calls over growing sequences, with or without a KV cache.
 
 Each row is one document (positions restart at 0). Rows run together in a `Group`: right-aligned,
-left-padded, with the packer's span rules (causal; bidirectional inside each image; padding sees
-nothing and is seen by nothing). With a cache, a call feeds only the positions a row has not fed
-yet and attends over the cached keys; without one, every call recomputes the whole sequence and
-returns the same outputs. Rows keep their own cache between groups; a group stacks them.
+left-padded, with the packer's span rule (`model.batch.span_ends`: causal; bidirectional inside each
+image unless model.image_attention=causal; padding sees nothing and is seen by nothing). With a
+cache, a call feeds only the positions a row has not fed yet and attends over the cached keys;
+without one, every call recomputes the whole sequence and returns the same outputs. Rows keep their
+own cache between groups; a group stacks them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ModelConfig
+from model.batch import span_ends
 from model.layers import KVCache
 from model.transfusion import ModelOutput, TransfusionModel
 
@@ -70,15 +72,6 @@ class RowState:
         return row
 
 
-def row_spans(row: RowState, P: int, image_attention: str = "bidirectional") -> np.ndarray:
-    """Exclusive span ends [L] relative to the row start: i + 1, or (bidirectional) the end of i's image."""
-    hi = np.arange(1, len(row) + 1, dtype=np.int64)
-    if image_attention == "bidirectional":
-        for img in row.images:
-            hi[img.start:img.start + P] = img.start + P
-    return hi
-
-
 @dataclass
 class Layout:
     """Model inputs for rows right-aligned in `width` columns (the last `fed` of them are fed)."""
@@ -109,7 +102,8 @@ def build_layout(rows: list[RowState], width: int, fed: int, cfg: ModelConfig, d
         sl = slice(off, width)
         tokens[r, sl], is_image[r, sl] = row.tokens, row.is_image
         pos[r, sl] = np.arange(len(row))
-        lo[r, sl], hi[r, sl] = off, row_spans(row, P, cfg.image_attention) + off
+        starts = [img.start for img in row.images]
+        lo[r, sl], hi[r, sl] = off, span_ends(len(row), starts, P, cfg.image_attention) + off
         for img in row.images:
             c = img.start + off
             if c >= first:

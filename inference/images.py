@@ -9,7 +9,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from config import ModelConfig
-from model.image_prep import BadImage, load_image
+from model.image_prep import BadImage, load_image, scale_latents, unscale_latents
 
 
 class VAEError(ValueError):
@@ -40,10 +40,7 @@ def vae_resolution(vae: Any, cfg: ModelConfig) -> int:
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents [N, C, h, w] (as the model sees them) -> images [N, 3, H, W] in [0, 1]."""
-    cfg = vae.config
-    x = latents.to(vae.device, vae.dtype) / cfg.scaling_factor
-    if cfg.shift_factor is not None:
-        x = x + cfg.shift_factor
+    x = unscale_latents(latents.to(vae.device, vae.dtype), vae.config.scaling_factor, vae.config.shift_factor)
     return ((vae.decode(x).sample.float() + 1) / 2).clamp(0, 1).cpu()
 
 
@@ -71,9 +68,7 @@ def encode_image_file(vae: Any, path: str | Path, cfg: ModelConfig) -> torch.Ten
     (mean - shift_factor) * scaling_factor of the preprocessed image."""
     x = preprocess_image_file(path, vae_resolution(vae, cfg))[None]  # [1, 3, R, R]
     mean = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
-    if vae.config.shift_factor is not None:
-        mean = mean - vae.config.shift_factor
-    return (mean * vae.config.scaling_factor)[0].cpu()
+    return scale_latents(mean, vae.config.scaling_factor, vae.config.shift_factor)[0].cpu()
 
 
 def save_pngs(images: torch.Tensor, paths: list[Path]) -> list[Path]:

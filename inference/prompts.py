@@ -77,7 +77,7 @@ def _encode_literal(text: str, tokenizer: TextTokenizer | None) -> list[PromptPa
             "the prompt has text but this model folder has no tokenizer; pass token ids instead "
             "(or convert with --tokenizer)"
         )
-    return [tokenizer.encode(text)]
+    return [tokenizer.encode_prompt(text)]
 
 
 def _load_latent(part: ImagePart, cfg: ModelConfig, load_image: ImageLoader | None) -> torch.Tensor:

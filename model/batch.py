@@ -8,11 +8,29 @@ reaches the attention kernels.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+
+
+def span_ends(length: int, image_starts: Iterable[int], patches_per_image: int,
+              image_attention: str = "bidirectional") -> np.ndarray:
+    """The span rule (docs/architecture.md §2.3) for one document laid out from position 0: the
+    exclusive end kv_hi [length] of each query's key span; the span starts at the document's start.
+
+    Every position is causal (i + 1), except that with `image_attention="bidirectional"` the
+    `patches_per_image` patches of an image starting at s all end at s + P (BOI/EOI stay causal).
+    The trainer's packer and inference's layout both call this.
+    """
+    hi = np.arange(1, length + 1, dtype=np.int64)
+    if image_attention == "bidirectional":
+        for s in image_starts:
+            hi[s:s + patches_per_image] = s + patches_per_image
+    return hi
 
 
 @dataclass

@@ -7,6 +7,8 @@ it was never trained on; so both call `load_image` here (inference may not impor
 Decode with PIL (EXIF orientation applied; grayscale/CMYK/palette/16-bit converted to RGB; alpha
 composited on white), resize the short side to the target resolution (bicubic, antialiased) and
 center-crop, then scale to [-1, 1]. Failures raise `BadImage` with a reason that the reports count.
+
+The latent scaling (`scale_latents`, `unscale_latents`) is defined here too, for the same reason.
 """
 
 from __future__ import annotations
@@ -107,3 +109,17 @@ def load_image(data: bytes, resolution: int, min_size: int = 0) -> tuple[torch.T
     """Bytes -> ([3, resolution, resolution] in [-1, 1], original (height, width)); raises BadImage."""
     img, orig = decode(data, resolution, min_size)
     return to_tensor(resize_center_crop(img, resolution)), orig
+
+
+def scale_latents(z: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """The VAE's raw latents -> the scaled latents the model trains on and the shards store:
+    (z - shift_factor) * scaling_factor (data_prep.encode_latents, inference.images)."""
+    if shift_factor is not None:
+        z = z - shift_factor
+    return z * scaling_factor
+
+
+def unscale_latents(z: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+    """Scaled latents (as stored/trained on) -> the VAE's raw latent space, ready for vae.decode."""
+    z = z / scaling_factor
+    return z + shift_factor if shift_factor is not None else z

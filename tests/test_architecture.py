@@ -12,7 +12,7 @@ ALLOWED = {
     "config": (),
     "kernels": (),
     "model": ("config", "kernels"),
-    "data_prep": ("config", "model.image_prep", "model.vq"),
+    "data_prep": ("config", "model.image_prep", "model.vq", "model.tokenizer"),
     "parallel": ("config", "model", "kernels"),
     "trainer": ("config", "model", "parallel", "data_prep.schema", "data_prep.megatron_reader"),
     "inference": ("config", "model", "trainer.checkpoint_files", "parallel.engine"),

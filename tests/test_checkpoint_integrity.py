@@ -77,7 +77,7 @@ def test_crafted_state_file_is_refused_by_resume_and_convert_and_never_runs(tiny
     assert main(["--config", str(REPO / "configs" / "tiny.yaml"), cfg, "data.source=synthetic",
                  "logging.wandb=disabled", "train.steps=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("config error:") and "migrate_checkpoint" in err[0]
+    assert len(err) == 1 and err[0].startswith("config error:") and "pre-release checkpoint format" in err[0]
     assert not marker.exists()
 
 
@@ -207,28 +207,3 @@ def test_package_sources_hold_no_unsafe_loads():
              for i, line in enumerate(path.read_text().splitlines(), 1)
              for what, rx in patterns.items() if rx.search(line)]
     assert not found, found
-
-
-def test_an_old_pickled_checkpoint_is_refused_then_migrated(tiny_cfg, capsys):
-    """Checkpoints from before this format pickled the packer's Row/FlatDoc objects and had no
-    manifest: resume names the migration command; after it the run resumes with the same data."""
-    from trainer.migrate_checkpoint import main as migrate_main
-    from trainer.packing import from_plain, Row, FlatDoc
-
-    step = run_to(tiny_cfg, 2)[-1]
-    state = torch.load(step / "rank_00000.pt", weights_only=True)
-    packer = state["loader"]["packer"]
-    old = {**packer, "row": from_plain(Row, packer["row"]), "waiting": [from_plain(FlatDoc, d) for d in packer["waiting"]],
-           "ready": [from_plain(Row, r) for r in packer["ready"]]}
-    torch.save({**state, "loader": {**state["loader"], "packer": old}}, step / "rank_00000.pt")
-    (step / MANIFEST).unlink()
-    tiny_cfg.train.steps = 3
-    with pytest.raises(ConfigError, match="none of the 1 checkpoints .*manifest.json is missing"):
-        train(tiny_cfg)
-    assert migrate_main([str(step)]) == 0
-    verify_folder(step)
-    migrated = torch.load(step / "rank_00000.pt", weights_only=True)["loader"]["packer"]
-    assert migrated["fill"] == packer["fill"] and torch.equal(migrated["row"]["tokens"], packer["row"]["tokens"])
-    capsys.readouterr()
-    train(tiny_cfg)
-    assert "resuming at step 2" in capsys.readouterr().out

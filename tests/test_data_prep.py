@@ -19,6 +19,7 @@ import sentencepiece as spm
 import torch
 from streaming import LocalDataset
 
+from config import ModelConfig, SpecialTokens
 from data_prep import encode_latents, images, merge_index, tokenize_text, train_vae
 from data_prep.schema import sample_latents
 from data_prep.sharding import resolve_worker
@@ -65,9 +66,10 @@ def test_tokenizer_special_ids(assets):
     assert tok.encode("a red cat", bos=True, eos=True) == [1, *ids, 2]
     assert 3 not in tok.encode("<boi> x <eoi>")  # control symbols are never produced by text
     assert tok.decode(tok.encode("the  blue\nsky", bos=True, eos=True)) == "the  blue\nsky"  # lossless
-    tok.check_config({"pad": 0, "bos": 1, "eos": 2, "boi": 3, "eoi": 4}, tok.vocab_size)
-    with pytest.raises(ValueError, match="model.tokens.boi"):
-        tok.check_config({"pad": 0, "bos": 1, "eos": 2, "boi": 7, "eoi": 4}, tok.vocab_size)
+    # Checked against a model config (as inference loads it): a differing id is named.
+    Tokenizer(assets["tok"], ModelConfig(vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match=r"boi: tokenizer 3 vs config 7"):
+        Tokenizer(assets["tok"], ModelConfig(vocab_size=tok.vocab_size, tokens=SpecialTokens(boi=7)))
 
 
 def test_extend_existing_tokenizer(assets, tmp_path):

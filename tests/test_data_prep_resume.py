@@ -17,8 +17,9 @@ import torch
 from streaming import LocalDataset
 
 from data_prep import encode_latents, images
-from data_prep.schema import latents_to_storage, unscale_latents
+from data_prep.schema import latents_to_storage
 from examples import tiny_assets
+from model.image_prep import unscale_latents
 from tests.helpers import write_mixed_set
 
 RES = 16

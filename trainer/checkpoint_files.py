@@ -43,7 +43,7 @@ class CheckpointDamaged(Exception):
 
 
 class PickledCheckpointFile(Exception):
-    """A state file that needs pickle to load: an old format, or not written by this trainer."""
+    """A state file that needs pickle to load: a pre-release format, or not written by this trainer."""
 
 
 def check_plain(obj: Any, where: str = "state") -> None:
@@ -78,9 +78,10 @@ def load_plain(path: Path) -> Any:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise PickledCheckpointFile(
-            f"{path} holds pickled Python objects{what} and was not loaded: it was written before checkpoints "
-            f"became pickle-free, or not by this trainer. If you trust it, migrate its folder once with "
-            f"`python -m trainer.migrate_checkpoint {path.parent}`; otherwise set checkpoint.resume=none"
+            f"{path} holds pickled Python objects{what} and was not loaded: {path.parent} is in a pre-release "
+            f"checkpoint format (from before checkpoints became pickle-free) that this version cannot resume, or "
+            f"was not written by this trainer; start fresh (checkpoint.resume=none or another train.output_dir), "
+            f"or resume it with the commit that wrote it"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
         raise CheckpointDamaged(path.parent, [f"{path.name} cannot be read ({str(e).splitlines()[0]})"]) from None

@@ -35,10 +35,6 @@ class Document:
             patches_per_image + 2 if isinstance(s, ImageSegment) else len(s) for s in self.segments
         )
 
-    @property
-    def has_image(self) -> bool:
-        return any(isinstance(s, ImageSegment) for s in self.segments)
-
 
 @dataclass
 class DocumentRecipe:

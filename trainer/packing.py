@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from model.batch import IGNORE_INDEX, PackedBatch
+from model.batch import IGNORE_INDEX, PackedBatch, span_ends
 from config import SpecialTokens
 
 from .documents import Document, ImageSegment
@@ -44,25 +44,21 @@ class FlatDoc:
 
 def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialTokens,
                      image_attention: str = "bidirectional") -> FlatDoc:
-    """Lay a document out as positions: text ids, and BOI + patches + EOI per image. A patch's
-    span ends at its image's end (bidirectional) or at itself (causal)."""
+    """Lay a document out as positions: text ids, and BOI + patches + EOI per image; span ends by
+    the span rule (`model.batch.span_ends`)."""
     P = patches_per_image
-    toks, img, hi, images = [], [], [], []
+    toks, img, images = [], [], []
     pos = 0
     for seg in doc.segments:
         if isinstance(seg, ImageSegment):
             toks.append(np.array([tokens.boi] + [tokens.pad] * P + [tokens.eoi], dtype=np.int64))
             img.append(np.array([False] + [True] * P + [False]))
-            end = pos + 1 + P
-            patch_hi = [end] * P if image_attention == "bidirectional" else list(range(pos + 2, end + 1))
-            hi.append(np.array([pos + 1] + patch_hi + [end + 1], dtype=np.int64))
             images.append((pos + 1, seg.latent, seg.max_t))
             pos += P + 2
         else:
             n = len(seg)
             toks.append(np.asarray(seg, dtype=np.int64))
             img.append(np.zeros(n, dtype=bool))
-            hi.append(np.arange(pos + 1, pos + n + 1, dtype=np.int64))
             pos += n
     t = np.concatenate(toks) if toks else np.zeros(0, np.int64)
     is_img = np.concatenate(img) if img else np.zeros(0, bool)
@@ -71,7 +67,8 @@ def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialToken
     if len(t) > 1:
         ok = ~is_img[:-1] & ~is_img[1:]
         targets[:-1] = np.where(ok, t[1:], IGNORE_INDEX)
-    return FlatDoc(t, is_img, np.concatenate(hi) if hi else np.zeros(0, np.int64), targets, images)
+    hi = span_ends(len(t), [first for first, _, _ in images], P, image_attention)
+    return FlatDoc(t, is_img, hi, targets, images)
 
 
 @dataclass

@@ -13,13 +13,6 @@ Reruns reuse the tokenizer and VAE and resume the shards; `--force` starts from 
 
 from __future__ import annotations
 
-if not __package__:  # run as a file (`python examples/digits/prepare.py`): import it as part of the package
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[2])
-    __package__ = "examples.digits"
-
 import argparse
 import importlib.util
 import json
