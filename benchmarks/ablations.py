@@ -10,12 +10,12 @@ Data (`--data`, made once and reused): examples.digits.prepare (digits, tokenize
 shards) plus, here, a VQModel (data_prep.train_vq, 32 px -> 8x8 codes of 256) and its token shards
 (data_prep.encode_vq_tokens), and the plays split into training text and two held-out plays.
 
-FLOPs (training, forward + backward = 3x forward, a multiply-add = 2 FLOPs), counted on the real
-packed batches of each variant (the first `--flops-batches` batches of its loader):
-    6 * (transformer-block params) * (all B*S positions, padding included: it is computed)
-  + 6 * (LM-head params) * (positions with an LM target: the head is read only there)
-  + 6 * (patch-codec params) * (image patch positions; 0 for tokens)
-  + 12 * n_layers * d_model * sum over queries of (kv_hi - kv_lo)   (QK^T and AV, fwd + bwd)
+FLOPs: model/flops.py's count (the trainer's MFU count: forward + backward, no recompute, measured
+on the model's own shapes), summed over the real packed batches of each variant (the first
+`--flops-batches` batches of its loader): the transformer blocks at all B*S positions (padding
+included: it is computed), the LM head at positions with an LM target (for `tokens` that includes
+the image codes), the patch codecs per latent image (none for `tokens`: its images are ordinary
+vocabulary positions) and span attention from the batch's (query, key) pairs.
 Embedding lookups are free. Equal FLOPs: the reference variant (latent_bidirectional) trains
 `--steps` steps; every other variant trains round(steps * F_ref / F_variant) steps, where F is the
 mean FLOPs of one step, so the products (steps x FLOPs per step) match.
@@ -116,25 +116,17 @@ def overrides(variant: str, paths: dict, out: Path, steps: int, s: Settings) -> 
 
 
 def step_flops(cfg: Any, batches: int) -> dict[str, float]:
-    """Mean training FLOPs of one step of `cfg`, counted on its first `batches` packed batches."""
-    from model.batch import IGNORE_INDEX
-    from model.transfusion import TransfusionModel
+    """Mean training FLOPs of one step of `cfg` by part (model/flops.py), counted on its first `batches`
+    packed batches."""
+    from model.flops import batch_flops
     from trainer.data import build_loader
 
-    m = cfg.model
-    with torch.device("meta"):
-        model = TransfusionModel(m)
-    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
-    head = model.output.weight.numel()
-    codec = sum(p.numel() for n, p in model.named_parameters() if n.startswith("patch_"))
-    loader, total = build_loader(cfg), np.zeros(4)
+    loader, total = build_loader(cfg), {}
     for _ in range(batches):
-        b = next(loader)
-        total += [6.0 * blocks * b.tokens.numel(), 6.0 * head * int((b.text_targets != IGNORE_INDEX).sum()),
-                  6.0 * codec * int(b.is_image.sum()),
-                  12.0 * m.n_layers * m.d_model * float((b.kv_hi - b.kv_lo).sum())]
-    per = total / batches * cfg.train.grad_accum
-    return {"blocks": per[0], "lm_head": per[1], "codec": per[2], "attention": per[3], "total": float(per.sum())}
+        for part, f in batch_flops(cfg.model, next(loader)).items():
+            total[part] = total.get(part, 0.0) + f.total
+    per = {part: v / batches * cfg.train.grad_accum for part, v in total.items()}
+    return {**per, "total": sum(per.values())}
 
 
 # ---- training and evaluation ---------------------------------------------------------------------
@@ -217,8 +209,8 @@ def write_report(out: Path, rows: list[dict], flops: dict, s: Settings, quick: b
         ftl = "n/a" if r["final_train_lm_loss"] is None else f"{r['final_train_lm_loss']:.3f}"
         lines.append(f"| {v} | {r['steps']} | {flops[v]['total']:.3e} | {budget[v]:.3e} | {r['caption_to_image']:.1%} | "
                      f"{r['image_to_caption']:.1%} | {r['heldout_lm_loss']:.3f} | {ftl} |")
-    lines += ["", "FLOPs per step = 6 x block params x all positions + 6 x head params x LM targets + 6 x codec params "
-              "x patches + 12 x layers x d x attended keys (see benchmarks/ablations.py).",
+    lines += ["", "FLOPs per step: model/flops.py's count (forward + backward, no recompute): blocks at all positions, "
+              "LM head at LM targets, patch codecs per latent image, span attention from the attended pairs.",
               "The train LM loss covers text only for the latent variants but text + image codes for `tokens`: "
               "compare the held-out (text only) loss across variants, not that column.",
               f"Settings: {json.dumps(asdict(s))}"]

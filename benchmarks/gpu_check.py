@@ -113,7 +113,7 @@ def junit_counts(xml: Path) -> dict[str, Any]:
 def training(out: Path, steps: int, smoke: bool, extra: list[str]) -> dict[str, Any]:
     """Train the 160m config (tiny in smoke mode) with the real trainer, and plan the same config."""
     from config import load_config
-    from parallel.plan_hardware import GPUS, gpu_for_device_name
+    from planner.hardware import GPUS, gpu_for_device_name
     from planner.plan import plan_layout
     from trainer.train import train
 

@@ -11,7 +11,7 @@ forward+backward (autograd.grad of q, k, v), in bf16 on CUDA with CUDA-event tim
 `reps` after warm-up (the first calls compile flex and triton). Per-batch work each backend caches
 for all layers (flex's BlockMask, triton's block bounds, flash's cu_seqlens) is built during warm-up,
 as it is once per batch in training. Useful FLOPs count only (query, key) pairs inside the spans, as
-parallel/plan_flops.py does: forward 4 * head_dim * heads * pairs (QK^T and PV); forward+backward
+model/flops.py does: forward 4 * head_dim * heads * pairs (QK^T and PV); forward+backward
 (1 + 2.5) x that, FlashAttention's convention (the backward's five matmuls, QK^T recomputed). A
 backend that cannot run is reported with its probe's reason (kernels.dispatch), one that fails with
 its error. Each output is checked against sdpa's: max |difference| / max |sdpa|.

@@ -8,7 +8,7 @@ backward, clipping and AdamW on fake tensors over a fake process group of the fu
 (planner/step.py), and reports per rank the peak memory and its split from torch's memory
 tracker, the model FLOPs (span attention from the batch's spans), the bytes of every collective per
 mesh dimension, and a roofline estimate of step time, tokens/s/GPU and MFU on a named GPU
-(parallel/plan_hardware.py). Batches come from the synthetic source at the config's shapes
+(planner/hardware.py). Batches come from the synthetic source at the config's shapes
 (data.source=synthetic, data.text_fraction=0.2: about as many image as text positions, the 1:1 mix
 of the 7B recipe), so no shards are needed.
 """
@@ -26,12 +26,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from config import Config, ConfigError, load_config
-from parallel.plan_flops import batch_flops
-from parallel.plan_hardware import (
-    COLLECTIVE_LATENCY_S, FRAGMENTATION, GPUS, OVERLAP_NOTE, RESERVED_BYTES, GPU, GiB, link_bw, step_time, usable_bytes,
-)
+from model.flops import step_model_flops
 from trainer.data import build_loader
 
+from .hardware import (
+    COLLECTIVE_LATENCY_S, FRAGMENTATION, GPUS, OVERLAP_NOTE, RESERVED_BYTES, GPU, GiB, link_bw, step_time, usable_bytes,
+)
 from .runtime import ring_bytes
 from .step import RankResult, run_rank
 
@@ -62,7 +62,7 @@ def layout_of(cfg: Config) -> dict:
 
 def _measured_model_flops(r: RankResult) -> float:
     """Counted model FLOPs of the last micro-batch: matmuls/convs of forward and backward (recompute
-    excluded) plus span-attention pairs. Equals plan_flops.batch_flops when tp = pp = 1."""
+    excluded) plus span-attention pairs. Equals model.flops.batch_flops when tp = pp = 1."""
     ph = r.counter.phases
     att = r.attention.flops({"forward": 1.0, "backward": 1.0, "recompute": 1.0})
     return ph["forward"].flops + ph["backward"].flops + att["model_fwd"] + att["model_bwd"]
@@ -143,7 +143,7 @@ def plan_layout(cfg: Config, world_size: int, gpu: GPU, jobs: int = 1) -> Layout
     report.step_s = st.total_s
     report.time_split = {k: round(v, 4) for k, v in dataclasses.asdict(st).items()}
     loader = build_loader(cfg, 0, p.dp_replicate * p.dp_shard)
-    per_micro = sum(f.total for f in batch_flops(cfg.model, next(loader)).values())
+    per_micro = step_model_flops(cfg.model, [next(loader)])
     dp = p.dp_replicate * p.dp_shard
     report.model_flops_per_step = per_micro * cfg.train.grad_accum * dp
     tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * dp

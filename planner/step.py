@@ -42,8 +42,8 @@ from parallel.engine import image_capacity
 from parallel.grad_clip import clip_grad_norm
 from parallel.parallelize import parallelize
 from parallel.pipeline import SCHEDULES, stage_ids_for_rank
-from parallel.plan_flops import batch_flops
-from parallel.plan_hardware import GPU, GPUS_PER_NODE
+from model.flops import batch_flops
+from .hardware import GPU, GPUS_PER_NODE
 from trainer.data import build_loader
 from trainer.optim import build_optimizer_for
 
@@ -70,7 +70,7 @@ class RankResult:
     attention: AttentionWork
     micro_scale: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
-    analytic: dict[str, float] = field(default_factory=dict)  # plan_flops of the last micro-batch
+    analytic: dict[str, float] = field(default_factory=dict)  # model.flops.batch_flops of the last micro-batch
 
 
 def _micro_batches(cfg: Config, dp_rank: int, dp: int, n: int) -> list[PackedBatch]:

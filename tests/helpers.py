@@ -222,7 +222,7 @@ def plan_config(name: str, overrides: list[str], world: int) -> Any:
 def plan_fake_rank(name: str, overrides: list[str], world: int, rank: int = 0, attention: str = "plan") -> dict:
     """One rank's fake step, summarised."""
     from planner.plan import _rank_summary
-    from parallel.plan_hardware import GPUS
+    from planner.hardware import GPUS
     from planner.step import run_rank
 
     r = run_rank(plan_config(name, overrides, world), rank, GPUS["h100"], attention)

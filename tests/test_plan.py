@@ -2,8 +2,8 @@
 
 Fast tests use the tiny config on a fake world of 8; the 7B layouts at world size 128 are `slow`.
 Validation: the fake step's peak memory against a real CPU step of the trainer measured with torch's
-MemTracker on real tensors in a separate process, and its FLOP count against plan_flops' count from
-the config's shapes and the batch's spans.
+MemTracker on real tensors in a separate process, and its FLOP count against model/flops.py's count
+from the model's shapes and the batch's spans.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from planner.plan import PLAN_DEFAULTS, plan_layout
-from parallel.plan_hardware import GPU
+from planner.hardware import GPU
 from tests.conftest import REPO
 from config import load_config
 
@@ -62,7 +62,7 @@ def test_tiny_layouts_on_a_fake_world_of_8(layout):
     pytest.param("160m.yaml", ["train.seq_len=512", "train.batch_size=2", "train.grad_accum=1"], marks=pytest.mark.slow),
 ])
 def test_counted_flops_match_the_config_count(name, overrides):
-    """Every matmul/conv of the fake step (recompute excluded) + span pairs = plan_flops within 2%."""
+    """Every matmul/conv of the fake step (recompute excluded) + span pairs = model/flops.py within 2%."""
     s = _run_in_process("plan_fake_rank", name, overrides, 1)
     measured, analytic = s["model_tflops_last_micro"], s["analytic_tflops_last_micro"]
     assert analytic > 0 and abs(measured - analytic) <= 0.02 * analytic, (measured, analytic)
@@ -146,8 +146,8 @@ def test_7b_layouts_at_world_128(layout, ac, tmp_path):
 
 def test_model_flops_per_token_for_the_trainer():
     """Same counting as the planner: per-token FLOPs of a real batch, and the text-only default."""
-    from parallel.plan_flops import batch_flops, model_flops_per_token, step_model_flops
-    from parallel.plan_hardware import gpu_for_device_name
+    from model.flops import batch_flops, model_flops_per_token, step_model_flops
+    from trainer.hardware import gpu_for_device_name
     from trainer.data import build_loader
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", PLAN_DEFAULTS)

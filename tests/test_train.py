@@ -115,9 +115,9 @@ def test_step_loss_is_the_mean_over_all_tokens_and_images_of_its_micro_batches(t
 
 
 def test_logs_report_model_flops_and_mfu(tiny_cfg):
-    """Achieved model TFLOP/s = the step's model FLOPs (parallel/plan_flops.py) over the window's
+    """Achieved model TFLOP/s = the step's model FLOPs (model/flops.py) over the window's
     seconds; MFU divides by the GPUs' peak (given on CUDA, absent on CPU)."""
-    from parallel.plan_flops import step_model_flops
+    from model.flops import step_model_flops
     from trainer.metrics import window_summary
 
     tiny_cfg.train.steps = 2

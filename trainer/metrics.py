@@ -25,7 +25,7 @@ MEANS = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "step_s")
 def window_summary(rows: list[dict[str, float]], peak_flops: float | None = None) -> dict[str, float]:
     """One logged row for the per-step `rows` since the last log line (see the module docstring).
 
-    Achieved model TFLOP/s over the window (model FLOPs as parallel/plan_flops.py counts them, no
+    Achieved model TFLOP/s over the window (model FLOPs as model/flops.py counts them, no
     recompute), and with `peak_flops` (all GPUs' dense bf16 peak) the MFU.
     """
     seconds = sum(r["step_s"] for r in rows)

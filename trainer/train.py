@@ -20,13 +20,13 @@ import torch.distributed as dist
 
 from config import Config, ConfigError, load_config
 from model import PackedBatch, TransfusionModel
+from model.flops import step_model_flops
 from parallel.dims import DistEnv, ParallelDims, init_distributed
 from parallel.engine import StepResult, TrainingEngine, build_engine
-from parallel.plan_flops import step_model_flops
-from parallel.plan_hardware import gpu_for_device_name
 
 from .checkpoint import CheckpointManager, UnsafeToSave
 from .data import build_loader
+from .hardware import gpu_for_device_name
 from .metrics import MetricsLogger
 from .optim import AdamWCosine
 from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged

@@ -1,43 +1,24 @@
-"""GPU specs and the roofline step-time model of the planner (planner/plan.py); the trainer reads the peak for its MFU.
+"""The planner's time and memory model on a named GPU (planner/plan.py, planner/step.py).
 
-Numbers are vendor datasheet values (dense, i.e. without 2:4 sparsity). Link bandwidths are per GPU
-and per direction, which is what a ring collective is limited by.
+The GPU datasheet entries live with the trainer, which reads their peak for its MFU
+(trainer/hardware.py); here are the planner's own assumptions: node size, allocator headroom,
+collective latency and which phases overlap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.hardware import GPU, GPUS, gpu_for_device_name
+
+__all__ = [
+    "GPU", "GPUS", "gpu_for_device_name", "GiB", "GPUS_PER_NODE", "FRAGMENTATION", "RESERVED_BYTES",
+    "COLLECTIVE_LATENCY_S", "OVERLAP_NOTE", "usable_bytes", "link_bw", "StepTime", "step_time",
+]
+
 GiB = 1 << 30
 
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    bf16_flops: float  # peak dense bf16 tensor-core FLOP/s
-    hbm_bytes: float  # memory capacity
-    hbm_bw: float  # bytes/s
-    nvlink_bw: float  # intra-node bytes/s per GPU per direction
-    internode_bw: float  # inter-node bytes/s per GPU per direction (one NIC per GPU)
-    source: str
-
-
-GPUS: dict[str, GPU] = {
-    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOPS bf16 dense (1979 with sparsity), 80 GB
-    # HBM3 at 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100 datasheet: 8x ConnectX-7 400 Gb/s.
-    "h100": GPU("H100 SXM 80GB", 989e12, 80e9, 3.35e12, 450e9, 50e9,
-                "NVIDIA H100 datasheet (SXM5); DGX H100 datasheet (ConnectX-7 NDR 400 Gb/s per GPU)"),
-    # NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOPS bf16 dense, 141 GB HBM3e at 4.8 TB/s,
-    # NVLink 900 GB/s; DGX H200: 8x ConnectX-7 400 Gb/s.
-    "h200": GPU("H200 SXM 141GB", 989e12, 141e9, 4.8e12, 450e9, 50e9,
-                "NVIDIA H200 datasheet (SXM); DGX H200 datasheet (ConnectX-7 NDR 400 Gb/s per GPU)"),
-    # NVIDIA A100 Tensor Core GPU datasheet (SXM 80GB): 312 TFLOPS bf16 dense, 80 GB HBM2e at
-    # 2,039 GB/s, NVLink 600 GB/s bidirectional; DGX A100 datasheet: 8x ConnectX-6 HDR 200 Gb/s.
-    "a100": GPU("A100 SXM 80GB", 312e12, 80e9, 2.039e12, 300e9, 25e9,
-                "NVIDIA A100 datasheet (SXM 80GB); DGX A100 datasheet (ConnectX-6 HDR 200 Gb/s per GPU)"),
-}
-
-GPUS_PER_NODE = 8
+GPUS_PER_NODE = 8  # the datasheets' reference node (DGX): NVLink inside it, one NIC per GPU across
 # A layout fits when peak * (1 + FRAGMENTATION) + RESERVED <= HBM capacity: the caching allocator's
 # fragmentation (10%), plus the CUDA context, NCCL communicator buffers and cuBLAS workspaces (3 GiB).
 FRAGMENTATION = 0.10
@@ -54,15 +35,6 @@ OVERLAP_NOTE = (
     "tensor-parallel collectives and pipeline send/recv are on the critical path (added); "
     "pipeline bubble (pp-1)/(v*m) of the forward+backward time; optimizer step and grad clipping not overlapped"
 )
-
-
-def gpu_for_device_name(name: str) -> GPU | None:
-    """The table entry for a CUDA device name (torch.cuda.get_device_name()), or None if unknown."""
-    name = name.upper()
-    for key in ("H200", "H100", "A100"):
-        if key in name:
-            return GPUS[key.lower()]
-    return None
 
 
 def usable_bytes(gpu: GPU) -> float:
