@@ -1,6 +1,6 @@
 """Training checkpoint -> consolidated inference folder: `python -m inference.convert CKPT_DIR OUT_DIR`.
 
-The weights are read by the training engine's offline loader (`parallel.engine.read_full_weights`:
+The weights are read by the offline checkpoint reader (`trainer.checkpoint_weights.read_full_weights`:
 DCP reshards into full tensors, so checkpoints saved by any torch layout give the same folder;
 DeepSpeed partition files are consolidated by zero_to_fp32) and checked against the model config
 in train_state.pt. See inference/loading.py for the folder format.
@@ -19,10 +19,10 @@ import torch
 
 from config import ConfigError, DiffusionConfig, ModelConfig, from_dict
 from model.vq import VQError, check_vq, load_vq
-from parallel.engine import DEEPSPEED, checkpoint_format, read_full_weights
 from trainer.checkpoint_files import (
     MANIFEST, TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, load_plain, verify_folder,
 )
+from trainer.checkpoint_weights import DEEPSPEED, checkpoint_format, read_full_weights
 
 from .hf_llama import export_hf_llama
 from .images import VAEError, load_vae
@@ -90,8 +90,8 @@ def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[s
 
 
 def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's full model tensors with plain-model names, read through the training engine's
-    offline loader (either engine's format); names and shapes are checked before any tensor is read."""
+    """The checkpoint's full model tensors with plain-model names, read offline (either engine's
+    format); names and shapes are checked before any tensor is read."""
 
     def check(shapes: dict[str, tuple[int, ...]]) -> None:
         check_tensors(expected_shapes(cfg), shapes, f"checkpoint '{ckpt}'", cfg)

@@ -8,14 +8,15 @@ reproducible from its config and a micro-batch gets the same noise on whichever 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn as nn
 
 from config import DiffusionConfig
 
 from .batch import PackedBatch
 from .diffusion import NoiseSchedule
-from .losses import LossNorm, LossOutput, transfusion_loss
+from .losses import LmLossSum, LossNorm, LossOutput, lm_loss_sum, transfusion_loss
 from .transfusion import ModelOutput
 
 
@@ -27,12 +28,17 @@ def noise_generator(device: torch.device, seed: int, step: int, micro: int) -> t
 
 
 class Objective:
-    """noise -> forward -> loss for packed micro-batches."""
+    """noise -> forward -> loss for packed micro-batches.
 
-    def __init__(self, diffusion: DiffusionConfig, seed: int = 0) -> None:
+    `lm_loss` sums the LM term; a layout that distributes the head or the hidden states (tensor
+    parallelism, ZeRO-3) passes its own (parallel/), the default is the plain one.
+    """
+
+    def __init__(self, diffusion: DiffusionConfig, seed: int = 0, lm_loss: LmLossSum = lm_loss_sum) -> None:
         self.schedule = NoiseSchedule(diffusion)
         self.loss_weight = diffusion.loss_weight
         self.seed = seed
+        self.lm_loss = lm_loss
 
     def inputs(self, batch: PackedBatch, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy latents [N, C, h, w], timesteps [N], the noise [N, C, h, w]) of micro-batch `micro` of `step`."""
@@ -41,10 +47,11 @@ class Objective:
 
     def loss(self, out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor,
              norm: LossNorm | None = None) -> LossOutput:
-        return transfusion_loss(out, text_targets, noise, self.loss_weight, norm)
+        return transfusion_loss(out, text_targets, noise, self.loss_weight, norm, self.lm_loss)
 
-    def __call__(self, model: nn.Module, batch: PackedBatch, step: int, micro: int,
+    def __call__(self, model: Callable[..., ModelOutput], batch: PackedBatch, step: int, micro: int,
                  norm: LossNorm | None = None) -> LossOutput:
+        """`model` is the network or anything that calls it with the network's arguments."""
         noisy, t, noise = self.inputs(batch, step, micro)
         out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
         return self.loss(out, batch.text_targets, noise, norm)

@@ -29,20 +29,14 @@ class ModelOutput:
     Logits are not computed in the forward: training reads the head at text-target positions only
     (model/losses.py, chunked), inference at the positions it samples from (`logits_at`,
     `last_logits`). `logits` (every position) is computed on first access, for callers that want
-    them all; an output built from precomputed logits (`ModelOutput(logits, noise_pred)`, e.g. under
-    DeepSpeed ZeRO-3, which gathers the head only inside forward) just holds them.
+    them all.
     """
 
-    def __init__(
-        self, logits: torch.Tensor | None = None, noise_pred: torch.Tensor | None = None, *,
-        hidden: torch.Tensor | None = None, head: nn.Module | None = None,
-    ) -> None:
-        if logits is None and (hidden is None or head is None):
-            raise ValueError("ModelOutput needs logits, or hidden states and the LM head")
-        self._logits = logits
+    def __init__(self, noise_pred: torch.Tensor, hidden: torch.Tensor, head: nn.Module) -> None:
         self.noise_pred = noise_pred  # [N_img, C, h, w]
         self.hidden = hidden  # [B, S, d_model] after the final norm
         self.head = head
+        self._logits: torch.Tensor | None = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -109,10 +103,7 @@ class TransfusionModel(nn.Module):
         # The patch decoder reads the image positions of h itself, so that parallel plans can hand
         # it the whole (gathered) sequence.
         noise_pred = self.patch_decoder(h, is_image, timesteps, skips)
-        if getattr(self.output.weight, "ds_id", None) is not None:
-            # DeepSpeed ZeRO-3 gathers parameters only inside forward: read the head here.
-            return ModelOutput(self.output(h), noise_pred, hidden=h, head=self.output)
-        return ModelOutput(noise_pred=noise_pred, hidden=h, head=self.output)
+        return ModelOutput(noise_pred, h, self.output)
 
     @property
     def is_first(self) -> bool:

@@ -44,12 +44,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from torch.utils.checkpoint import checkpoint
+
 from config import Config, ConfigError
-from model import LossNorm, PackedBatch
+from model import LossNorm, ModelOutput, PackedBatch
+from model.losses import ce_sum, lm_loss_sum
 
 from .activation import apply_activation_checkpointing, apply_compile
 from .dims import DistEnv
-from .engine import DEEPSPEED, OptimizerFactory, ShapeCheck, TrainingEngine
+from .engine import DEEPSPEED, NO_HOOKS, OptimizerFactory, StepHooks, TrainingEngine
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -155,6 +158,16 @@ def _initialize(model: nn.Module, cfg: Config, optimizers: OptimizerFactory):
     return engine, scheduler
 
 
+def zero3_lm_loss_sum(out: ModelOutput, text_targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The LM sum under ZeRO-3, whose partitioned head weight is gathered only when its module is
+    called (DeepSpeed's module hooks): the head runs as a module over every position, then the
+    cross-entropy in checkpointed chunks of rows."""
+    logits = out.head(out.hidden).flatten(0, 1)  # [B*S, V]
+    flat_t = text_targets.flatten()
+    return torch.stack([checkpoint(ce_sum, logits[i:i + chunk], flat_t[i:i + chunk], use_reentrant=False)
+                        for i in range(0, flat_t.numel(), chunk)]).sum()
+
+
 class DeepSpeedEngine(TrainingEngine):
     """ZeRO data parallelism through a DeepSpeedEngine; its own partition files as checkpoints.
 
@@ -167,7 +180,7 @@ class DeepSpeedEngine(TrainingEngine):
     can_skip_update = False
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv, optimizers: OptimizerFactory) -> None:
-        super().__init__(cfg, env)
+        super().__init__(cfg, env, zero3_lm_loss_sum if cfg.parallel.deepspeed.zero_stage == 3 else lm_loss_sum)
         _check_layout(cfg)
         p = cfg.parallel
         apply_activation_checkpointing(model, p.activation_checkpoint, p.activation_checkpoint_every)
@@ -178,22 +191,23 @@ class DeepSpeedEngine(TrainingEngine):
         self.parts = [self.ds.module]
         self.optimizer = self.ds.optimizer
 
-    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm) -> torch.Tensor:
+    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
+                         hooks: StepHooks = NO_HOOKS) -> torch.Tensor:
         n = self.ds.gradient_accumulation_steps()
         if len(batches) != n:
             raise ValueError(f"DeepSpeed expects {n} micro-batches per step, got {len(batches)}")
         self.ds.train()
+        # engine.backward divides by gradient_accumulation_steps: undone here.
+        backward = lambda loss: self.ds.backward(loss * n)  # noqa: E731
         totals = torch.zeros(3, device=self.device)
         for micro, batch in enumerate(batches):
-            with self.autocast():
-                losses = self.objective(self.ds, batch, step, self.global_micro(micro), norm)
-            self.ds.backward(losses.total * (self.env.dims.dp * n))
+            totals += self.micro_batch(self.ds, batch, step, micro, n, norm, hooks, backward)
             if micro < n - 1:
                 self.ds.step()  # accumulation bookkeeping only; the boundary step is optimizer_step's
-            totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
         return totals
 
-    def optimizer_step(self, finite_loss: bool) -> tuple[float, bool]:
+    def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
+        hooks.phase("optimizer")
         self.ds.step()  # the accumulation boundary: clip, our AdamW, our LR schedule
         return grad_norm(self.ds), True
 
@@ -298,13 +312,3 @@ def load_engine_checkpoint(engine, folder: Path) -> None:
         engine._config.load_universal_checkpoint = previous
     if path is None:
         raise ConfigError(f"checkpoint {folder} has no readable DeepSpeed state under '{tag}/'")
-
-
-def read_weights(folder: Path, check: ShapeCheck | None = None) -> dict[str, torch.Tensor]:
-    """Full fp32 model weights of a DeepSpeed checkpoint, offline (no process group, any ZeRO stage)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
-    if check is not None:
-        check({k: tuple(v.shape) for k, v in state.items()})
-    return {k: v.clone() for k, v in state.items()}  # ZeRO-1/2 gives views of one flat buffer

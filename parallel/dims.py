@@ -96,6 +96,12 @@ def init_distributed(dims: ParallelDims, device_type: str | None = None, timeout
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return mesh_env(dims, device)
+
+
+def mesh_env(dims: ParallelDims, device: torch.device) -> DistEnv:
+    """The DistEnv of this rank over the initialised default process group: the mesh in MESH_DIMS
+    order and the flattened data-parallel mesh."""
     mesh = init_device_mesh(
         device.type, (dims.dp_replicate, dims.dp_shard, dims.pp, dims.tp), mesh_dim_names=MESH_DIMS
     )

@@ -1,18 +1,19 @@
-"""The training-engine interface: what the trainer, the checkpointer and the converter see of a layout.
+"""The training-engine interface: what the trainer, the checkpointer and the planner see of a layout.
 
 An engine owns this rank's share of the model (its `parts`), the optimizer and the LR schedule, and
-offers five things (docs/architecture.md §6):
-  build               `build_engine(model, cfg, env, optimizers)` (the plain model goes in, parallelised)
-  forward-backward    `forward_backward(batches, step)`: noise -> forward -> loss -> backward over this
-                      rank's micro-batches (the shared `model.Objective`)
-  optimizer step      `optimizer_step()`: clip, step, or skip a non-finite update where it can
+offers (docs/architecture.md §5.4):
+  forward-backward    `forward_backward(batches, step, norm, hooks)`: noise -> forward -> loss ->
+                      backward over this rank's micro-batches (the shared `model.Objective`)
+  optimizer step      `optimizer_step(finite_loss, hooks)`: clip, step, or skip a non-finite update
   checkpoint state    `save(folder)` / `load(folder)` of model + optimizer in the engine's own format
-  full weights        `full_state_dict()` online, `read_full_weights(folder)` offline (the converter)
-`train_step` composes the first two with the loss normalisation and the cross-rank reductions.
+  full weights        `full_state_dict()` (online; offline reading is trainer/checkpoint_weights.py)
+`train_step` composes the first two with the loss normalisation and the cross-rank reductions: it
+is the one training step, run by the trainer and, under fake tensors, by the planner, which watches
+its phases through `StepHooks`.
 
-Two implementations: parallel/torch_engine.py (FSDP2 / TP / PP on a DeviceMesh, DCP checkpoints) and
-parallel/deepspeed_engine.py (ZeRO, DeepSpeed's partition files). Nothing outside this module and
-the two implementations names an engine class.
+This module is the interface only. The implementations (parallel/torch_engine.py: FSDP2 / TP / PP on a
+DeviceMesh, DCP checkpoints; parallel/deepspeed_engine.py: ZeRO) import it, and `parallel/engines.py`
+builds the one a config names; nothing else names an engine class.
 """
 
 from __future__ import annotations
@@ -23,23 +24,26 @@ import math
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from config import Config, ConfigError
-from model import LossNorm, Objective, PackedBatch
+from config import Config
+from model import LossNorm, ModelOutput, Objective, PackedBatch
+from model.losses import LmLossSum, lm_loss_sum
 
 from .dims import DistEnv
 
-DCP, DEEPSPEED = "dcp", "deepspeed"  # checkpoint formats of model + optimizer state
-STATE_FILE = "train_state.pt"  # written by the checkpointer in every complete checkpoint
+# Checkpoint formats of model + optimizer state (`TrainingEngine.format`), and the top-level keys of
+# a DCP checkpoint's state: what the offline reader (trainer/checkpoint_weights.py) relies on.
+DCP, DEEPSPEED = "dcp", "deepspeed"
+MODEL_KEY, OPTIM_KEY = "model", "optim"
 
 
-class TrainingDiverged(RuntimeError):
-    """Non-finite losses or weights that training cannot recover from by itself."""
+class NonFiniteUpdate(RuntimeError):
+    """A non-finite step was applied by an engine that cannot skip an update: the weights are lost."""
 
 
 class OptimizerFactory(Protocol):
@@ -61,6 +65,37 @@ class StepResult:
     skipped: bool = False  # a non-finite loss or gradient: no update was made
 
 
+class StepHooks:
+    """What a caller may observe of a step: its phase boundaries, the module calls, the end of each
+    micro-batch's backward, the run of a pipeline schedule. The trainer uses these defaults (they
+    just run the step); the planner counts FLOPs, collectives and memory per phase with them."""
+
+    def phase(self, name: str) -> None:
+        """The step enters `name`: forward[_accum], backward[_accum] (_accum: a micro-batch before the
+        step's last), clip, optimizer."""
+
+    def call(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Runs `module(*args, **kwargs)` (one forward of a model part)."""
+        return module(*args, **kwargs)
+
+    def after_backward(self, parts: list[nn.Module]) -> None:
+        """After the backward of one micro-batch through `parts`."""
+
+    def run_schedule(self, schedule: Any, loss_fn: Callable, arg_mbs: list | None, kwarg_mbs: list[dict],
+                     target_mbs: list | None) -> None:
+        """Runs a pipeline schedule's step over the micro-batches (forward, `loss_fn` on the last
+        stage, backward); the planner replays the schedule's actions here instead."""
+        schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, return_outputs=False)
+
+
+NO_HOOKS = StepHooks()
+
+
+def micro_phase(kind: str, micro: int, n_micro: int) -> str:
+    """`kind` (forward/backward) of micro-batch `micro` of `n_micro`: its StepHooks phase name."""
+    return kind if micro == n_micro - 1 else f"{kind}_accum"
+
+
 def image_capacity(cfg: Config) -> int:
     """Most images one micro-batch can hold (pipeline buffers are sized for it)."""
     return cfg.train.batch_size * (cfg.train.seq_len // (cfg.model.patches_per_image + 2))
@@ -76,43 +111,70 @@ class TrainingEngine(abc.ABC):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, lm_loss: LmLossSum = lm_loss_sum) -> None:
         self.cfg, self.env, self.device = cfg, env, env.device
-        self.objective = Objective(cfg.diffusion, cfg.train.seed)
+        self.objective = Objective(cfg.diffusion, cfg.train.seed, lm_loss)
         self.grad_accum = cfg.train.grad_accum
 
     # ---- the step -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm) -> torch.Tensor:
+    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
+                         hooks: StepHooks = NO_HOOKS) -> torch.Tensor:
         """Noise, forward, loss and backward over this rank's micro-batches (on the device); returns
         this rank's summed [total, lm, diffusion] losses [3]."""
 
     @abc.abstractmethod
-    def optimizer_step(self, finite_loss: bool) -> tuple[float, bool]:
+    def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
         """Clip and apply the accumulated gradients; returns (global grad norm, whether applied).
         Engines that can (`can_skip_update`) skip the update when the loss or the norm is not finite."""
 
-    def train_step(self, batches: list[PackedBatch], step: int) -> StepResult:
+    def micro_batch(self, model: nn.Module, batch: PackedBatch, step: int, micro: int, n_micro: int, norm: LossNorm,
+                    hooks: StepHooks, backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """One micro-batch of a step that is not pipelined: noise, forward and `loss_terms` under
+        autocast, then `backward(scaled loss)` outside it; returns its detached [total, lm, diffusion] [3].
+        (A pipeline schedule runs the same pieces per stage: `objective.inputs`, the model, `loss_terms`.)"""
+        hooks.phase(micro_phase("forward", micro, n_micro))
+        with self.autocast():
+            noisy, t, noise = self.objective.inputs(batch, step, self.global_micro(micro))
+            out = hooks.call(model, batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image,
+                             noisy, t)
+            scaled, terms = self.loss_terms(out, batch.text_targets, noise, norm)
+        hooks.phase(micro_phase("backward", micro, n_micro))
+        backward(scaled)
+        hooks.after_backward(self.parts)
+        return terms
+
+    def loss_terms(self, out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor,
+                   norm: LossNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dp x the micro-batch's loss, to back-propagate; its detached [total, lm, diffusion] [3]).
+
+        The dp factor: gradient reduction averages over the data-parallel ranks, while each rank's
+        loss is already its share of the step's global mean (`norm`)."""
+        losses = self.objective.loss(out, text_targets, noise, norm)
+        terms = torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
+        return losses.total * self.env.dims.dp, terms
+
+    def train_step(self, batches: list[PackedBatch], step: int, hooks: StepHooks = NO_HOOKS) -> StepResult:
         """One optimizer step over `batches` (this rank's micro-batches) at training step `step`.
 
         The loss is the step's mean over every text target and every image of all micro-batches and
         data-parallel ranks (not a mean of per-micro-batch means); gradient reduction averages over
-        ranks, so each rank back-propagates dp x its share. Raises TrainingDiverged on a non-finite
+        ranks, so each rank back-propagates dp x its share. Raises NonFiniteUpdate on a non-finite
         step of an engine that cannot skip the update.
         """
         batches = [b.to(self.device) for b in batches]
         self.train()
         lr = self.scheduler.get_last_lr()[0]
-        totals = self.forward_backward(batches, step, self._step_norm(batches))
+        totals = self.forward_backward(batches, step, self._step_norm(batches), hooks)
         if self.env.dims.dp > 1:
             dist.all_reduce(totals, group=self.env.group("dp"))
         # The grad norm and the losses are global, so every rank takes the same decision.
-        grad_norm, applied = self.optimizer_step(bool(torch.isfinite(totals).all()))
+        grad_norm, applied = self.optimizer_step(bool(torch.isfinite(totals).all()), hooks)
         loss, lm, diff = totals.tolist()
         finite = math.isfinite(grad_norm) and all(math.isfinite(x) for x in (loss, lm, diff))
         if not applied or finite:
             return StepResult(loss, lm, diff, grad_norm, lr, sum(b.tokens.numel() for b in batches), not applied)
-        raise TrainingDiverged(
+        raise NonFiniteUpdate(
             f"non-finite loss {loss} or grad norm {grad_norm} at step {step + 1} under parallel.engine="
             f"{self.cfg.parallel.engine}, which cannot skip the update; nothing was saved. Resume from the last "
             "checkpoint with a lower optim.lr, or check the data"
@@ -161,43 +223,3 @@ class TrainingEngine(abc.ABC):
     def num_params(self) -> int:
         """Parameters of this rank's parts (the whole model on one process)."""
         return sum(p.numel() for part in self.parts for p in part.parameters())
-
-
-def build_engine(model: nn.Module, cfg: Config, env: DistEnv, optimizers: OptimizerFactory) -> TrainingEngine:
-    """The engine `cfg.parallel.engine` names, over the plain `model` (built on meta when parallel.meta_init)."""
-    if cfg.parallel.engine == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg, env, optimizers)
-    from .torch_engine import TorchEngine
-
-    return TorchEngine(model, cfg, env, optimizers)
-
-
-def checkpoint_format(folder: Path) -> str | None:
-    """DCP or DEEPSPEED for a complete checkpoint folder, None otherwise."""
-    if not (folder / STATE_FILE).is_file():
-        return None
-    if (folder / ".metadata").is_file():
-        return DCP
-    if (folder / DEEPSPEED).is_dir():
-        return DEEPSPEED
-    return None
-
-
-ShapeCheck = Callable[[dict[str, tuple[int, ...]]], None]
-
-
-def read_full_weights(folder: Path, check: ShapeCheck | None = None) -> dict[str, torch.Tensor]:
-    """Offline (no process group): the full model weights of a checkpoint of either engine.
-
-    `check` sees {name: shape} before any tensor is read (so a wrong checkpoint fails fast)."""
-    fmt = checkpoint_format(folder)
-    if fmt == DEEPSPEED:
-        from .deepspeed_engine import read_weights
-    elif fmt == DCP:
-        from .torch_engine import read_weights
-    else:
-        raise ConfigError(f"'{folder}' is not a complete checkpoint (needs {STATE_FILE} and DCP .metadata or a "
-                          f"{DEEPSPEED}/ folder)")
-    return read_weights(folder, check)

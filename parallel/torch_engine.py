@@ -8,29 +8,29 @@ written by one layout loads into any other (DCP reshards) and into one process.
 from __future__ import annotations
 
 import contextlib
-import warnings
+import functools
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 from torch.distributed.tensor.parallel import loss_parallel
 
-from config import Config, ConfigError
+from config import Config
 from model import LossNorm, ModelOutput, PackedBatch
+from model.losses import lm_loss_sum
 
 from .dims import DistEnv
-from .engine import DCP, OptimizerFactory, ShapeCheck, TrainingEngine, image_capacity
+from .engine import DCP, MODEL_KEY, NO_HOOKS, OPTIM_KEY, OptimizerFactory, StepHooks, TrainingEngine, image_capacity
 from .grad_clip import clip_grad_norm
+from .loss_parallel import vocab_parallel_lm_loss_sum
 from .parallelize import parallelize
-
-MODEL_KEY, OPTIM_KEY = "model", "optim"  # top-level keys of the DCP state
 
 
 def merge_parts(parts: list[nn.Module]) -> nn.Module:
@@ -52,76 +52,98 @@ def merge_parts(parts: list[nn.Module]) -> nn.Module:
     return holder
 
 
+def _under(context: Callable[[], contextlib.AbstractContextManager], fn: Callable) -> Callable:
+    """`fn` run inside a fresh `context()` (autocast around a pipeline stage's forward only)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with context():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 class TorchEngine(TrainingEngine):
-    """FSDP2 / TP / PP over the plain model; DCP checkpoints; skips non-finite updates."""
+    """FSDP2 / TP / PP over the plain model; DCP checkpoints; skips non-finite updates.
+
+    Not pipelined, each micro-batch runs `TrainingEngine.micro_batch` (forward + loss under autocast,
+    backward outside it). Pipelined, torch's schedule runs the stages; the same autocast policy is
+    applied by wrapping each stage's forward and the loss, so backward runs outside autocast too.
+    """
 
     format = DCP
     can_skip_update = True
 
     def __init__(self, model: nn.Module, cfg: Config, env: DistEnv, optimizers: OptimizerFactory) -> None:
-        super().__init__(cfg, env)
+        super().__init__(cfg, env, vocab_parallel_lm_loss_sum if env.dims.tp > 1 else lm_loss_sum)
         self._pp_losses: list[torch.Tensor] = []
         self._norm: LossNorm | None = None  # this step's loss denominators, read by the pipeline's loss
+        self._loss_fn = _under(self.autocast, self.pipeline_loss)  # the pipeline schedule's loss
         self.pm = parallelize(model, env, cfg.parallel, cfg.train.dtype, cfg.train.grad_accum, image_capacity(cfg),
-                              self._pipeline_loss)
+                              self._loss_fn)
         self.parts = self.pm.parts
+        if self.pm.schedule is not None:
+            for part in self.parts:
+                part.forward = _under(self.autocast, part.forward)
         self.optimizer = optimizers.optimizer(list(self.pm.parameters()))
         self.scheduler = optimizers.scheduler(self.optimizer)
 
     # ---- the step -------------------------------------------------------------------------------
-    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm) -> torch.Tensor:
+    def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
+                         hooks: StepHooks = NO_HOOKS) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        with loss_parallel() if self.pm.loss_parallel else contextlib.nullcontext():
+        with self.loss_context():
             if self.pm.schedule is not None:
-                return self._pipeline_forward_backward(batches, step, norm)
+                return self._pipeline_forward_backward(batches, step, norm, hooks)
             totals = torch.zeros(3, device=self.device)
             for micro, batch in enumerate(batches):
                 self.pm.set_gradient_sync(micro, len(batches), self.cfg.parallel.grad_sync)
-                with self.autocast():
-                    losses = self.objective(self.parts[0], batch, step, self.global_micro(micro), norm)
-                (losses.total * self.env.dims.dp).backward()
-                totals += torch.stack([losses.total, losses.lm, losses.diffusion]).detach()
+                totals += self.micro_batch(self.parts[0], batch, step, micro, len(batches), norm, hooks,
+                                           torch.Tensor.backward)
             return totals
 
-    def _pipeline_forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm) -> torch.Tensor:
-        kwarg_mbs, target_mbs = [], []
-        for micro, batch in enumerate(batches):
-            noisy, t, noise = self.objective.inputs(batch, step, self.global_micro(micro))
-            kwarg_mbs.append({
-                "position_ids": batch.position_ids, "kv_lo": batch.kv_lo, "kv_hi": batch.kv_hi,
-                "is_image": batch.is_image, "noisy_latents": noisy, "timesteps": t, "noise": noise,
-            })
-            target_mbs.append(batch.text_targets)
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """torch's loss_parallel around forward and backward when the LM head is vocab-sharded (TP)."""
+        return loss_parallel() if self.pm.loss_parallel else contextlib.nullcontext()
+
+    def _stage_inputs(self, batch: PackedBatch, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The keyword inputs of every pipeline stage for micro-batch `micro` (its noise drawn as the
+        plain step draws it); the true noise rides along to the last stage's loss."""
+        noisy, t, noise = self.objective.inputs(batch, step, self.global_micro(micro))
+        return {"position_ids": batch.position_ids, "kv_lo": batch.kv_lo, "kv_hi": batch.kv_hi,
+                "is_image": batch.is_image, "noisy_latents": noisy, "timesteps": t, "noise": noise}
+
+    def _pipeline_forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
+                                   hooks: StepHooks) -> torch.Tensor:
+        kwarg_mbs = [self._stage_inputs(b, step, micro) for micro, b in enumerate(batches)]
         self._pp_losses.clear()
         self._norm = norm
         first = any(part.is_first for part in self.parts)
-        with self.autocast():
-            self.pm.schedule.step(
-                arg_mbs=[(b.tokens,) for b in batches] if first else None, kwarg_mbs=kwarg_mbs,
-                target_mbs=target_mbs if self.pm.has_last_stage else None, return_outputs=False,
-            )
+        hooks.run_schedule(self.pm.schedule, self._loss_fn, [(b.tokens,) for b in batches] if first else None,
+                           kwarg_mbs, [b.text_targets for b in batches] if self.pm.has_last_stage else None)
         totals = torch.zeros(3, device=self.device)
         # Stage set-up on the first step also calls the loss function (shape inference): keep the real ones.
         for losses in self._pp_losses[-len(batches):]:
-            totals += losses.float()
+            totals += losses
         # Only the last stage computed the losses; share them with the other stages.
         dist.all_reduce(totals, group=self.env.group("pp"))
         return totals
 
-    def _pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss: it returns (final-normed hidden, noise_pred, noise); the LM head is
-        read at text-target positions only, as in the plain path."""
+    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss (`loss_terms`, as in the plain path): the stage returns (final-normed
+        hidden, noise_pred, noise); the LM head is read at text-target positions only."""
         hidden, noise_pred, noise = outputs
         head = next(part.output for part in self.parts if part.is_last)
-        losses = self.objective.loss(ModelOutput(noise_pred=noise_pred, hidden=hidden, head=head), text_targets,
-                                     noise, self._norm)
-        self._pp_losses.append(torch.stack([losses.total, losses.lm, losses.diffusion]).detach())
-        return losses.total * self.env.dims.dp  # summed over micro-batches (scale_grads=False)
+        scaled, terms = self.loss_terms(ModelOutput(noise_pred, hidden, head), text_targets, noise, self._norm)
+        self._pp_losses.append(terms)
+        return scaled  # summed over micro-batches (scale_grads=False)
 
-    def optimizer_step(self, finite_loss: bool) -> tuple[float, bool]:
+    def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
         pp_group = self.env.group("pp") if self.env.dims.pp > 1 else None
+        hooks.phase("clip")
         norm = clip_grad_norm(self.pm.parameters(), self.cfg.optim.grad_clip or float("inf"), pp_group)
         if finite_loss and bool(torch.isfinite(norm)):
+            hooks.phase("optimizer")
             self.optimizer.step()
             self.scheduler.step()
             return float(norm), True
@@ -158,20 +180,3 @@ class TorchEngine(TrainingEngine):
         # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
         sd = get_model_state_dict(merge_parts(self.parts), options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
-
-
-def read_weights(folder: Path, check: ShapeCheck | None = None) -> dict[str, torch.Tensor]:
-    """Offline: the model tensors of a DCP checkpoint, resharded by DCP into full tensors."""
-    metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    prefix = MODEL_KEY + "."
-    stored = {k[len(prefix):]: v for k, v in metadata.items()
-              if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
-    if not stored:
-        raise ConfigError(f"checkpoint '{folder}' holds no '{MODEL_KEY}' tensors")
-    if check is not None:
-        check({k: tuple(v.size) for k, v in stored.items()})
-    state = {n: torch.empty(tuple(m.size), dtype=m.properties.dtype) for n, m in stored.items()}
-    with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({MODEL_KEY: state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
-    return state

@@ -20,16 +20,18 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
-import torch.distributed._tools.fake_collectives  # noqa: F401  (fake impls of c10d ops)
 from kernels.dispatch import register_backend, unregister_backend
 from kernels.spans import key_block_bounds, query_block_bounds
 from kernels.triton_span import default_blocks
+
+from .torch_internals import (
+    FakeTensor, FakeTensorMode, TorchDispatchMode, _disable_current_modes, flatten_mesh, recomputing,
+    unset_fake_temporarily,
+)
 
 aten = torch.ops.aten
 _SHADOW_DTYPES = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -88,6 +90,8 @@ class RealShadow(TorchDispatchMode):
         elif func in (aten._local_scalar_dense.default, aten.item.default):
             if args[0].dtype.is_floating_point:
                 return 1.0
+            if args[0].dtype == torch.bool:  # e.g. "is the loss finite": the step goes on as if it were
+                return True
         out = func(*args, **kwargs)
         if not tensors and _shadowable(out):  # small integer factories (arange, zeros): twin them
             with unset_fake_temporarily():
@@ -152,7 +156,7 @@ class AttentionWork:
         if self.counter is None:
             return "forward"
         ph = self.counter.phase
-        return ph.replace("backward", "recompute") if ph.startswith("backward") and _recomputing() else ph
+        return ph.replace("backward", "recompute") if ph.startswith("backward") and recomputing() else ph
 
     def flops(self, phases: dict[str, float]) -> dict[str, float]:
         """Model FLOPs (span pairs; forward calls of recompute phases excluded) and kernel FLOPs
@@ -297,7 +301,7 @@ class Counter(TorchDispatchMode):
         if name in _KIND_OF:
             self._comm(_KIND_OF[name], args, kwargs, out)
             return out
-        phase = self.phase.replace("backward", "recompute") if self.phase.startswith("backward") and _recomputing() \
+        phase = self.phase.replace("backward", "recompute") if self.phase.startswith("backward") and recomputing() \
             else self.phase
         st = self.phases[phase]
         moved = _moved_bytes(func, args, kwargs, out)
@@ -353,12 +357,6 @@ def _moved_bytes(func, args: tuple, kwargs: dict, out: object) -> int:  # noqa: 
     return read if name.endswith("_") else read + _nbytes(out)
 
 
-def _recomputing() -> bool:
-    """True inside torch.utils.checkpoint's recomputation (activation checkpointing, chunked CE)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and hooks[0].__qualname__.startswith("_recomputation_hook")
-
-
 def name_is_functional(args: tuple) -> bool:
     return any(isinstance(a, str) for a in args)
 
@@ -380,15 +378,22 @@ def _nbytes(tree: object) -> int:
 
 
 def group_dims(mesh, gpus_per_node: int) -> dict[str, tuple[str, int, bool]]:  # noqa: ANN001
-    """Process-group name -> (mesh dim, group size, whether its ranks share a node)."""
+    """Process-group name -> (mesh dim, group size, whether its ranks share a node).
+
+    The flattened dp group is labelled "dp"; when it is a separate group over the same ranks as a mesh
+    dimension's (dp_replicate = 1 beside tp or pp), it reports under that dimension."""
     out: dict[str, tuple[str, int, bool]] = {}
+    by_ranks: dict[tuple[int, ...], str] = {}
     names = list(mesh.mesh_dim_names)
     candidates = [(n, mesh[n]) for n in names]
-    candidates.append(("dp", mesh[("dp_replicate", "dp_shard")]._flatten("dp")))
+    candidates.append(("dp", flatten_mesh(mesh, ("dp_replicate", "dp_shard"), "dp")))
     for label, sub in candidates:
         group = sub.get_group()
-        ranks = dist.get_process_group_ranks(group)
+        ranks = tuple(dist.get_process_group_ranks(group))
         intra = len({r // gpus_per_node for r in ranks}) == 1
+        if group.group_name not in out and ranks in by_ranks:
+            label = by_ranks[ranks]
+        by_ranks.setdefault(ranks, label)
         out[group.group_name] = (label, len(ranks), intra)
     return out
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.parallel_worker import global_batches, layout_config, run_training, spawn_jobs
-from trainer.preemption import TrainingDiverged
+from parallel.engine import NonFiniteUpdate
 from trainer.train import make_engine
 
 pytestmark = pytest.mark.skipif(
@@ -112,7 +112,7 @@ def poisoned_step(cfg, env) -> dict:
     batches = global_batches(cfg, env.dims.dp)[0][env.dp_rank * per_rank : (env.dp_rank + 1) * per_rank]
     try:
         engine.train_step(batches, 0)
-    except TrainingDiverged as e:
+    except NonFiniteUpdate as e:
         return {"stopped": str(e)}
     return {"stopped": None}
 

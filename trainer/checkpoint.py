@@ -38,13 +38,15 @@ import torch
 import torch.distributed as dist
 
 from config import CheckpointConfig, ConfigError
-from parallel.engine import STATE_FILE, TrainingDiverged, TrainingEngine, checkpoint_format
+from parallel.engine import TrainingEngine
 
 from .checkpoint_files import (
     TRUST_WARNING, CheckpointDamaged, PickledCheckpointFile, all_finite, digest_share, list_files, load_plain, read_manifest,
     save_plain, verify_folder, write_manifest,
 )
+from .checkpoint_weights import STATE_FILE, checkpoint_format
 from .data import ElasticResumeUnsupported
+from .preemption import TrainingDiverged
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it assumes one process; that is intended here.

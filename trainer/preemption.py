@@ -17,8 +17,6 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from parallel.engine import TrainingDiverged
-
 __all__ = ["REQUEUE_EXIT_CODE", "Preempted", "PreemptionWatcher", "TrainingDiverged", "process_exit_code"]
 
 REQUEUE_EXIT_CODE = 42
@@ -31,6 +29,10 @@ def process_exit_code(exit_code: int = REQUEUE_EXIT_CODE) -> int:
     be finishing their exit and prints a failure traceback. The REQUEUE marker carries the decision.
     """
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else exit_code
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite losses or weights that training cannot recover from by itself."""
 
 
 class Preempted(Exception):

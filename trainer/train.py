@@ -22,7 +22,8 @@ from config import Config, ConfigError, load_config
 from model import PackedBatch, TransfusionModel
 from model.flops import step_model_flops
 from parallel.dims import DistEnv, ParallelDims, init_distributed
-from parallel.engine import StepResult, TrainingEngine, build_engine
+from parallel.engine import NonFiniteUpdate, StepResult, TrainingEngine
+from parallel.engines import build_engine
 
 from .checkpoint import CheckpointManager, UnsafeToSave
 from .data import build_loader
@@ -78,7 +79,10 @@ def train(cfg: Config) -> list[dict[str, float]]:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(cfg.train.grad_accum)]
-            result = engine.train_step(batches, state.step)
+            try:
+                result = engine.train_step(batches, state.step)
+            except NonFiniteUpdate as e:
+                raise TrainingDiverged(str(e)) from None
             if result.skipped:
                 _count_bad_step(result, state, ckpt, logger, cfg.checkpoint.max_bad_steps)
             else:
