@@ -32,7 +32,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # True: ZeRO-3; False: ZeRO-2-like
     # FSDP gradient reduce-scatter with grad_accum > 1 (no pipeline): on the step's last micro-batch only
     # (less traffic; every rank keeps unsharded fp32 gradient accumulators between micro-batches), or after
-    # every micro-batch (grad_accum x the reduce-scatters; gradients stay sharded). See the README's planner table.
+    # every micro-batch (grad_accum x the reduce-scatters; gradients stay sharded). See docs/parallelism.md.
     grad_sync: Literal["last_micro_batch", "every_micro_batch"] = "last_micro_batch"
     cpu_offload: bool = False
     activation_checkpoint: Literal["none", "full", "every_k"] = "none"
