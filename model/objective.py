@@ -51,7 +51,8 @@ class Objective:
 
     def __call__(self, model: Callable[..., ModelOutput], batch: PackedBatch, step: int, micro: int,
                  norm: LossNorm | None = None) -> LossOutput:
-        """`model` is the network or anything that calls it with the network's arguments."""
+        """The micro-batch's losses; `model` is the network or anything that calls it with the
+        network's arguments (an engine's wrapped call)."""
         noisy, t, noise = self.inputs(batch, step, micro)
         out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
         return self.loss(out, batch.text_targets, noise, norm)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import math
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from config import Config
-from model import LossNorm, ModelOutput, Objective, PackedBatch
+from model import LossNorm, LossOutput, Objective, PackedBatch
 from model.losses import LmLossSum, lm_loss_sum
 
 from .dims import DistEnv
@@ -130,27 +131,23 @@ class TrainingEngine(abc.ABC):
 
     def micro_batch(self, model: nn.Module, batch: PackedBatch, step: int, micro: int, n_micro: int, norm: LossNorm,
                     hooks: StepHooks, backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
-        """One micro-batch of a step that is not pipelined: noise, forward and `loss_terms` under
-        autocast, then `backward(scaled loss)` outside it; returns its detached [total, lm, diffusion] [3].
-        (A pipeline schedule runs the same pieces per stage: `objective.inputs`, the model, `loss_terms`.)"""
+        """One micro-batch of a step that is not pipelined: the objective (noise, forward, loss) under
+        autocast, then `backward` of the scaled loss outside it; returns its detached [total, lm,
+        diffusion] [3]. A pipeline's last stage applies the same `objective.loss` and `scaled`."""
         hooks.phase(micro_phase("forward", micro, n_micro))
         with self.autocast():
-            noisy, t, noise = self.objective.inputs(batch, step, self.global_micro(micro))
-            out = hooks.call(model, batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image,
-                             noisy, t)
-            scaled, terms = self.loss_terms(out, batch.text_targets, noise, norm)
+            losses = self.objective(functools.partial(hooks.call, model), batch, step, self.global_micro(micro), norm)
         hooks.phase(micro_phase("backward", micro, n_micro))
-        backward(scaled)
+        loss, terms = self.scaled(losses)
+        backward(loss)
         hooks.after_backward(self.parts)
         return terms
 
-    def loss_terms(self, out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor,
-                   norm: LossNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def scaled(self, losses: LossOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(dp x the micro-batch's loss, to back-propagate; its detached [total, lm, diffusion] [3]).
 
         The dp factor: gradient reduction averages over the data-parallel ranks, while each rank's
-        loss is already its share of the step's global mean (`norm`)."""
-        losses = self.objective.loss(out, text_targets, noise, norm)
+        loss is already its share of the step's global mean (`LossNorm`)."""
         terms = torch.stack([losses.total, losses.lm, losses.diffusion]).detach().float()
         return losses.total * self.env.dims.dp, terms
 

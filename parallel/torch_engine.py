@@ -130,13 +130,14 @@ class TorchEngine(TrainingEngine):
         return totals
 
     def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss (`loss_terms`, as in the plain path): the stage returns (final-normed
-        hidden, noise_pred, noise); the LM head is read at text-target positions only."""
+        """The last stage's loss (`objective.loss` and `scaled`, as in the plain path): the stage returns
+        (final-normed hidden, noise_pred, noise); the LM head is read at text-target positions only."""
         hidden, noise_pred, noise = outputs
         head = next(part.output for part in self.parts if part.is_last)
-        scaled, terms = self.loss_terms(ModelOutput(noise_pred, hidden, head), text_targets, noise, self._norm)
+        loss, terms = self.scaled(self.objective.loss(ModelOutput(noise_pred, hidden, head), text_targets, noise,
+                                                      self._norm))
         self._pp_losses.append(terms)
-        return scaled  # summed over micro-batches (scale_grads=False)
+        return loss  # summed over micro-batches (scale_grads=False)
 
     def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
         pp_group = self.env.group("pp") if self.env.dims.pp > 1 else None
