@@ -219,7 +219,7 @@ def triton_span_attention(
 
     deterministic=None follows torch.are_deterministic_algorithms_enabled(); True computes dQ in a
     separate pass over key blocks instead of atomics (bitwise reproducible). `counter` (int32 [8],
-    zeros) makes the kernels count the tiles they compute (slots: see triton_span_fwd.CNT_*).
+    zeros) makes the kernels count the tiles they compute (slots: see the top of triton_span_fwd).
     """
     _check(q, k, v, kv_lo, kv_hi)
     reason = triton_unavailable(q)

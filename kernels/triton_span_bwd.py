@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_span_fwd import _dot, _load_tile, _q_block_bounds
+from .triton_span_fwd import _dot, _key_block_scores, _load_tile, _q_block_bounds
 
 
 @triton.jit
@@ -134,13 +134,9 @@ def _bwd_q_inner(
 ):
     """Accumulate dQ [BLOCK_M, BLOCK_D] (unscaled) of one query block over key blocks."""
     for kb in range(kb_first, kb_last):
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < S_K
-        k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                       nmask, dmask, MASKED, EVEN_D)  # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                       nmask, dmask, MASKED, EVEN_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        offs_n, k, v, s = _key_block_scores(q, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                                            stride_vd, kb, offs_d, dmask, S_K, qk_scale,
+                                            BLOCK_N, EVEN_D, MASKED, DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         if MASKED:
             span = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])

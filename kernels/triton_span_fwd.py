@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Counter slots of the optional tile-count buffer (int32 [8]).
-CNT_FWD_MASKED, CNT_FWD_FULL, CNT_KV_MASKED, CNT_KV_FULL, CNT_DQ_MASKED, CNT_DQ_FULL = range(6)
+# Slots (CNT_SLOT) of the optional tile-count buffer (int32 [8]): masked/full tiles of the forward
+# pass 0/1, of the dK/dV pass 2/3, of the separate dQ pass 4/5.
 
 
 @triton.jit
@@ -64,6 +64,24 @@ def _q_block_bounds(lo, hi, valid, S, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _key_block_scores(
+    q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, kb, offs_d, dmask, S_K, qk_scale,
+    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Key block kb of a query block's loop (forward and separate dQ pass): its key positions
+    offs_n [BLOCK_N], the K and V tiles [BLOCK_N, BLOCK_D] (rows past S_K masked only when MASKED),
+    and the base-2 scores s = q @ k^T * qk_scale [BLOCK_M, BLOCK_N], not yet masked to the spans."""
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < S_K
+    k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                   nmask, dmask, MASKED, EVEN_D)
+    v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                   nmask, dmask, MASKED, EVEN_D)
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    return offs_n, k, v, s
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
     lo, hi, offs_d, dmask, kb_first, kb_last, S_K, qk_scale, CNT,
@@ -72,13 +90,9 @@ def _fwd_inner(
 ):
     """Online-softmax accumulation over key blocks [kb_first, kb_last) of one query block."""
     for kb in range(kb_first, kb_last):
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = offs_n < S_K
-        k = _load_tile(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                       nmask, dmask, MASKED, EVEN_D)  # [BLOCK_N, BLOCK_D]
-        v = _load_tile(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                       nmask, dmask, MASKED, EVEN_D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        offs_n, k, v, s = _key_block_scores(q, k_base, v_base, stride_ks, stride_kd, stride_vs,
+                                            stride_vd, kb, offs_d, dmask, S_K, qk_scale,
+                                            BLOCK_N, EVEN_D, MASKED, DOT_PRECISION)
         if MASKED:
             span = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
             s = tl.where(span, s, float("-inf"))
