@@ -176,7 +176,8 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
         boundary = _boundary_spec(model, cfg, dims, batches[0]) if dims.pp > 1 else None
         with ti.fake_parallelize():
             engine = build_engine(model, cfg, env, AdamWCosine(cfg.optim, cfg.train.steps))
-        for prm in (prm for part in engine.parts for prm in part.parameters()):  # warm-up step: creates the AdamW states, as in steady-state training
+        # A warm-up step creates the AdamW states, as in steady-state training.
+        for prm in (prm for part in engine.parts for prm in part.parameters()):
             prm.grad = torch.zeros_like(prm)
         engine.optimizer.step()
         engine.optimizer.zero_grad(set_to_none=True)
@@ -189,7 +190,8 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
         finally:
             CURRENT_WORK.pop()
         peak, split = tracker.peak()
-    scale = {"accum": float(cfg.train.grad_accum - 1) if dims.pp == 1 and n_micro > 1 else 0.0} if dims.pp == 1 else {}
+    # Not pipelined, 2 of grad_accum micro-batches ran: the first stands for the grad_accum - 1 before the last.
+    scale = {"accum": float(cfg.train.grad_accum - 1) if n_micro > 1 else 0.0} if dims.pp == 1 else {}
     analytic = {k: f.total for k, f in batch_flops(cfg.model, real_batches[-1]).items()}
     stages = stage_ids_for_rank(env.mesh["pp"].get_local_rank(), dims.pp, _virtual(cfg)) if dims.pp > 1 else [0]
     return RankResult(rank, stages, peak, split, counter, work, scale, time.perf_counter() - t0, analytic)
