@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,16 +72,41 @@ class DistEnv:
         return self.mesh[dim].get_group()
 
 
-def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def resolve_device(name: str, environ: Mapping[str, str] = os.environ, cuda_devices: int | None = None) -> torch.device:
+    """This process's device for `train.device=name` (auto | cpu | cuda | cuda:N).
+
+    Under a launcher every process gets its own GPU: `cuda` (and `auto` with GPUs visible) means
+    `cuda:LOCAL_RANK`. `environ` and `cuda_devices` (default: this process's) are parameters so the
+    rule can be checked without a GPU.
+    """
+    n = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    if name == "auto":
+        name = "cuda" if n > 0 else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise ConfigError(f"train.device={name} is not one of auto, cpu, cuda, cuda:N")
+    if n == 0:
+        raise ConfigError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    world, local = int(environ.get("WORLD_SIZE", "1")), int(environ.get("LOCAL_RANK", "0"))
+    if dev.index is not None and world > 1:
+        raise ConfigError(f"train.device={name} would put all {world} processes on one GPU; use train.device=cuda "
+                          "(each process takes cuda:LOCAL_RANK)")
+    index = local if dev.index is None else dev.index
+    if index >= n:
+        raise ConfigError(f"this process needs cuda:{index} (LOCAL_RANK={local}) but {n} CUDA device(s) are visible; "
+                          "start at most that many processes per node (torchrun --nproc-per-node) or check "
+                          "CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", index)
 
 
-def init_distributed(dims: ParallelDims, device_type: str | None = None, timeout_s: int = 1800) -> DistEnv:
-    """Initialise the default process group (NCCL on GPU, gloo on CPU) and build the mesh.
+def init_distributed(dims: ParallelDims, device_type: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """This process's device (`resolve_device(device_type)`, made current), the default process
+    group (NCCL bound to that device, or gloo on CPU) and the mesh.
 
     Single-process runs (world size 1) get no process group and no mesh.
     """
@@ -90,12 +116,16 @@ def init_distributed(dims: ParallelDims, device_type: str | None = None, timeout
             f"launched {world} processes but the layout pp*dp_replicate*dp_shard*tp = "
             f"{dims.pp}*{dims.dp_replicate}*{dims.dp_shard}*{dims.tp} = {dims.world_size}"
         )
-    device = device_for_rank() if device_type is None else torch.device(device_type)
+    device = resolve_device(device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world == 1:
         return DistEnv(dims, None, device, 0, 0)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        cuda = device.type == "cuda"
+        # device_id binds the NCCL communicator to this GPU (eager init, no implicit device 0).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
     return mesh_env(dims, device)
 
 

@@ -114,7 +114,7 @@ class TrainingEngine(abc.ABC):
 
     def __init__(self, cfg: Config, env: DistEnv, lm_loss: LmLossSum = lm_loss_sum) -> None:
         self.cfg, self.env, self.device = cfg, env, env.device
-        self.objective = Objective(cfg.diffusion, cfg.train.seed, lm_loss)
+        self.objective = Objective(cfg.diffusion, cfg.train.seed, lm_loss, env.dims.dp * cfg.train.grad_accum)
         self.grad_accum = cfg.train.grad_accum
 
     # ---- the step -------------------------------------------------------------------------------

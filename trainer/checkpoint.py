@@ -52,8 +52,11 @@ log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it assumes one process; that is intended here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-# Config sections whose change makes a checkpoint unusable; everything else may change on resume.
+# Config sections whose change makes a checkpoint unusable, and single keys outside them; everything
+# else may change on resume. Execution-only keys inside them (how the same model is computed) may too.
 UNSAFE_SECTIONS = ("model", "diffusion")
+UNSAFE_KEYS = {"train.seq_len": "the loader's saved half-packed rows are laid out for the old length"}
+EXECUTION_ONLY = ("model.attention",)  # the attention kernel: same model, same numbers up to rounding
 ENGINE_NAMES = {"dcp": "parallel.engine=torch", "deepspeed": "parallel.engine=deepspeed"}
 T = TypeVar("T")
 
@@ -349,14 +352,24 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 def config_differences(saved: dict, current: dict, sections: tuple[str, ...] = UNSAFE_SECTIONS) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, within `sections`."""
+    """Dotted keys whose values differ between two config dicts, within `sections` (execution-only keys
+    excepted) and among UNSAFE_KEYS (with why)."""
 
     def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if prefix in EXECUTION_ONLY:
+            return []
         if isinstance(a, dict) and isinstance(b, dict):
             return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{prefix}.{k}")]
         return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
-    return [d for s in sections for d in walk(saved.get(s), current.get(s), s)]
+    def value(cfg: dict, dotted: str) -> Any:
+        for k in dotted.split("."):
+            cfg = cfg.get(k) if isinstance(cfg, dict) else None
+        return cfg
+
+    diffs = [d for s in sections for d in walk(saved.get(s), current.get(s), s)]
+    return diffs + [f"{k}: {value(saved, k)!r} -> {value(current, k)!r} ({why})" for k, why in UNSAFE_KEYS.items()
+                    if value(saved, k) != value(current, k)]
 
 
 def data_parallel_states(path: Path) -> list[dict]:

@@ -10,6 +10,7 @@ wandb is offline unless the user configured online; a resumed run continues the 
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from config import LoggingConfig
 from .redact import redact
 
 
+HISTORY_ROWS = 10_000  # rows MetricsLogger.history keeps (the latest steps; ~2 MB)
 MEANS = ("loss", "lm_loss", "diffusion_loss", "grad_norm", "step_s")
 
 
@@ -49,9 +51,10 @@ class MetricsLogger:
     ) -> None:
         self.cfg, self.enabled, self.run = cfg, enabled, None
         self.jsonl = output_dir / "metrics.jsonl"
-        self.history: list[dict[str, float]] = []  # every step's row (all ranks)
+        # The latest steps' rows (bounded: a long run must not grow host memory on every rank).
+        self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY_ROWS)
         self.peak_flops = peak_flops  # all GPUs' dense bf16 peak, for the MFU
-        self._logged = 0  # history rows already summarised in a log line
+        self._window: list[dict[str, float]] = []  # rows since the last log line
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +86,10 @@ class MetricsLogger:
     def record(self, step: int, row: dict[str, float], last: bool = False) -> None:
         """Keep one step's row; every `log_every` steps (and at the `last`) log the window's summary."""
         self.history.append(row)
+        self._window.append(row)
         if step % self.cfg.log_every == 0 or last:
-            self.log(step, window_summary(self.history[self._logged:], self.peak_flops))
-            self._logged = len(self.history)
+            self.log(step, window_summary(self._window, self.peak_flops))
+            self._window = []
 
     def event(self, message: str) -> None:
         """A one-off message (skipped step, preemption) for the log."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from config import Config, ConfigError, load_config
 from model import PackedBatch, TransfusionModel
 from model.flops import step_model_flops
-from parallel.dims import DistEnv, ParallelDims, init_distributed
+from parallel.dims import DistEnv, ParallelDims, init_distributed, resolve_device
 from parallel.engine import NonFiniteUpdate, StepResult, TrainingEngine
 from parallel.engines import build_engine
 
@@ -37,14 +37,6 @@ from .train_state import ScheduleState, TrainState
 log = logging.getLogger("trainer")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
-
-
 def make_engine(cfg: Config, env: DistEnv | None = None) -> TrainingEngine:
     """The configured engine over a freshly initialised model (one process when `env` is None)."""
     env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
@@ -55,14 +47,14 @@ def make_engine(cfg: Config, env: DistEnv | None = None) -> TrainingEngine:
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
-    """Run the configured training on this process's share of the layout; returns per-step metrics.
+    """Run the configured training on this process's share of the layout; returns the per-step metrics
+    of the latest steps (at most trainer.metrics.HISTORY_ROWS).
 
     Resumes per `checkpoint.resume`, saves per `checkpoint.interval`, and on SIGUSR1 or SIGTERM
     finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
     """
     cfg.parallel = cfg.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
-    env = init_distributed(ParallelDims.from_config(cfg.parallel),
-                           device_type=None if cfg.train.device == "auto" else cfg.train.device)
+    env = init_distributed(ParallelDims.from_config(cfg.parallel), cfg.train.device)
     engine = make_engine(cfg, env)
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
     state, config, out = TrainState(), redact(cfg.to_dict()), cfg.output_dir  # config: no secrets
@@ -107,7 +99,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
             f"\n{what}: {where}" for what, where in (("checkpoint", ckpt.last_saved), ("wandb run", run_dir)) if where))
     if preempted:
         raise Preempted(REQUEUE_EXIT_CODE)
-    return logger.history
+    return list(logger.history)
 
 
 def _peak_flops(env: DistEnv) -> float | None:
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:  # pre-flight: no model, no process group
             world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
             cfg.parallel.resolved(world)
-            resolve_device(cfg.train.device)
+            resolve_device(cfg.train.device, {**os.environ, "WORLD_SIZE": str(world)})
             print(f"config ok: {args.config} for {world} process(es)")
             return 0
         train(cfg)
