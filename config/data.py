@@ -31,6 +31,11 @@ class StreamConfig:
     tokenizer: str | None = None  # what the corpus was tokenized with; recorded in the checkpoint's config
     add_bos: bool = True  # prepend BOS to each document
     add_eos: bool = False  # append EOS: for corpora made without preprocess_data.py --append-eod
+    # the corpus's EOD id. eos: the model's EOS (or no EOD) - every Megatron tokenizer but one. legacy:
+    # made with Megatron-LM's legacy SentencePiece wrapper (--tokenizer-type SentencePieceTokenizer up to
+    # megatron-core 0.14, --legacy-tokenizer since), whose EOD is V + 2 (V = the text vocabulary): it
+    # becomes EOS; the wrapper's <CLS>/<SEP>/<MASK> ids are refused (data_prep/megatron_reader.py)
+    eod: Literal["eos", "legacy"] = "eos"
 
 
 @dataclass
@@ -67,6 +72,11 @@ class DataConfig:
                             f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
                     require(st.remote is None, f"data.streams[{i}]: Megatron corpora are read in place, not "
                             "streamed (remote); convert it with `python -m data_prep.megatron_convert to-mds`")
+                    require(not (st.eod == "legacy" and st.add_eos), f"data.streams[{i}].eod: legacy reads each "
+                            "document's EOD as EOS, so add_eos: true would add a second one; set add_eos: false")
+                else:
+                    require(st.eod == "eos", f"data.streams[{i}].eod: {st.eod} is for kind: megatron streams "
+                            f"(this one is {st.kind})")
             require(
                 self.max_caption_tokens + m.patches_per_image + 4 <= seq_len,
                 f"an image document (data.max_caption_tokens={self.max_caption_tokens} + "

@@ -14,7 +14,9 @@ BOS/EOS rule, the same both ways so that MDS -> Megatron -> MDS gives identical 
 shards hold BOS + ids + EOS; Megatron documents hold ids + EOD (`preprocess_data.py --append-eod`),
 EOD being our EOS. `from-mds` drops the leading BOS and keeps EOS; `to-mds` adds BOS (`--no-bos`
 not to) and adds EOS only with `--add-eos` (for corpora made without `--append-eod`). Empty
-documents are skipped and counted.
+documents are skipped and counted. `to-mds --eod legacy` reads a corpus made with Megatron-LM's
+legacy SentencePiece wrapper, whose EOD is the tokenizer's size + 2, writing that id as EOS (the
+`eod: legacy` of a training stream; data_prep/megatron_reader.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .cli import local_abspath, parse_with_config, run_tool, setup_logging
-from .megatron_reader import DOCS_PER_SHARD, corpus_stats, document_ids, open_indexed, stats_path
+from .megatron_reader import (
+    DOCS_PER_SHARD, corpus_stats, document_ids, indexed_dataset_module, open_indexed, stats_path, vocabulary_problem,
+)
 from .schema import TEXT_COLUMNS, check_index
 from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
 from .tokenizer import Tokenizer
@@ -49,9 +53,10 @@ def _documents(ds: Any, units: list[tuple[int, int]]) -> Iterator[tuple[int, np.
 class _ToRows:
     """Chunk processor: Megatron documents -> BOS? + ids + EOS? rows of the text schema."""
 
-    def __init__(self, name: str, bos: int | None, eos: int | None) -> None:
+    def __init__(self, name: str, bos: int | None, eos: int | None, eod_to_eos: tuple[int, int] | None = None) -> None:
         self.name, self.head = name, [bos] if bos is not None else []
         self.tail = [eos] if eos is not None else []
+        self.eod_to_eos = eod_to_eos  # (legacy EOD id, EOS id) for --eod legacy
 
     def __call__(self, records: Iterator[tuple[int, np.ndarray]], writer: Any, stats: Stats,
                  tick: Callable[[int], None]) -> None:
@@ -60,6 +65,8 @@ class _ToRows:
             if ids.size == 0:
                 stats.skip(EMPTY, key)
             else:
+                if self.eod_to_eos is not None:
+                    ids[ids == self.eod_to_eos[0]] = self.eod_to_eos[1]
                 writer.write({"key": key, "tokens": np.concatenate([self.head, ids, self.tail]).astype(np.int32)})
                 stats.written += 1
             tick(1)
@@ -67,12 +74,14 @@ class _ToRows:
 
 def to_mds(args: argparse.Namespace) -> dict:
     """Megatron prefix -> MDS text shards (this worker's share of the documents)."""
+    if args.eod == "legacy" and args.add_eos:
+        raise ValueError("--eod legacy writes each document's EOD as EOS: --add-eos would add a second one")
     tokenizer = Tokenizer(args.tokenizer)
     ds = open_indexed(args.prefix)
-    stats = corpus_stats(args.prefix, ds)
-    if stats["max_id"] >= tokenizer.vocab_size:
-        raise ValueError(f"{args.prefix} holds ids up to {stats['max_id']} but {args.tokenizer} has "
-                         f"{tokenizer.vocab_size}: it was made with another tokenizer")
+    problem = vocabulary_problem(args.prefix, corpus_stats(args.prefix, ds), tokenizer.vocab_size,
+                                 f"the size of {args.tokenizer}", args.eod, option="--eod legacy")
+    if problem:
+        raise ValueError(problem)
     n = len(ds.document_indices) - 1
     units = [(lo, min(lo + DOCS_PER_SHARD, n)) for lo in range(0, n, DOCS_PER_SHARD)]
     rank, world = resolve_worker(args.rank, args.world_size)
@@ -87,7 +96,8 @@ def to_mds(args: argparse.Namespace) -> dict:
                    size_limit=args.shard_size_limit, compression=args.compression, overwrite=args.overwrite,
                    throttle=args.throttle)
     rows = _ToRows(Path(args.prefix).name, tokenizer.bos_id if args.bos else None,
-                   tokenizer.eos_id if args.add_eos else None)
+                   tokenizer.eos_id if args.add_eos else None,
+                   (tokenizer.vocab_size + 2, tokenizer.eos_id) if args.eod == "legacy" else None)
     report = job.run(_documents(ds, mine), rows, total=sum(hi - lo for lo, hi in mine), unit="doc")
     if world == 1 and not args.no_merge:
         merge_parts(args.out)
@@ -98,8 +108,10 @@ def from_mds(args: argparse.Namespace) -> dict:
     """MDS text shards -> one Megatron prefix, written with megatron-core's IndexedDatasetBuilder."""
     check_index(args.shards, kind="text")  # before anything can decode a sample
     import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from streaming import StreamingDataset
+
+    megatron = indexed_dataset_module()
+    DType, IndexedDatasetBuilder = megatron.DType, megatron.IndexedDatasetBuilder
 
     info_path = Path(args.shards) / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
@@ -126,8 +138,8 @@ def from_mds(args: argparse.Namespace) -> dict:
 
 
 def scan(args: argparse.Namespace) -> dict:
-    """Write PREFIX.stats.json: tokens, documents and id range, read once."""
-    stats = corpus_stats(args.prefix)
+    """Write PREFIX.stats.json: tokens, documents, id range and document ends, read once."""
+    stats = corpus_stats(args.prefix, open_indexed(args.prefix))  # checks the files first: one-line errors
     stats_path(args.prefix).write_text(json.dumps(stats, indent=1))
     log.info("%s: %s", stats_path(args.prefix), stats)
     return stats
@@ -142,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--tokenizer", required=True, help="the sentencepiece .model the corpus was made with")
     to.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to each document")
     to.add_argument("--add-eos", action="store_true", help="append EOS (corpora made without --append-eod)")
+    to.add_argument("--eod", choices=("eos", "legacy"), default="eos",
+                    help="legacy: made with Megatron-LM's legacy SentencePiece wrapper, whose EOD (the tokenizer's "
+                    "size + 2) is written as EOS")
     add_scaleout_args(to, 100_000, "documents per resumable chunk", "MDS compression, e.g. zstd")
     frm = sub.add_parser("from-mds", help="MDS text shards -> Megatron prefix")
     frm.add_argument("shards", help="text shard folder (with index.json and dataset_info.json)")

@@ -190,3 +190,177 @@ def test_bad_corpora_get_one_line_errors(data, tmp_path):
     os.remove(f"{short}.idx")
     with pytest.raises(ConfigError, match=r"short.idx missing; `path` is the prefix"):
         cfg_for(short)  # at config validation, before anything is built
+
+
+# --- corpora as Megatron-LM's own tools wrote them -------------------------------------------------
+
+LEGACY_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")  # ids V, V+1, V+2, V+3 in the legacy wrapper
+
+
+def legacy_sentencepiece_ids(sp, text: str) -> list[int]:
+    """What Megatron-LM's legacy `SentencePieceTokenizer` wrapper (megatron/training/tokenizer/
+    tokenizer.py, _SentencePieceTokenizer) gives for `text`: literal special-token text (its own
+    <CLS>/<SEP>/<EOD>/<MASK> at V..V+3, and the model's <pad>/<s>/</s> pieces) becomes that token's
+    id, the rest is plain SentencePiece."""
+    v = sp.get_piece_size()
+    special = {t: v + k for k, t in enumerate(LEGACY_SPECIALS)}
+    special.update({sp.id_to_piece(i): i for i in (sp.pad_id(), sp.bos_id(), sp.eos_id())})
+    ids, rest = [], text
+    while True:
+        found = {t: rest.index(t) for t in special if t in rest}
+        if not found:
+            return ids + sp.encode_as_ids(rest)
+        tok = min(found, key=found.get)
+        ids += sp.encode_as_ids(rest[:found[tok]]) + [special[tok]]
+        rest = rest[found[tok] + len(tok):]
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+    """A corpus as `preprocess_data.py --tokenizer-type SentencePieceTokenizer --append-eod` wrote it
+    with the legacy tokenizer: documents of SentencePiece ids + EOD = V + 2, one sequence per
+    sentence, the EOD counted in the last sentence; an empty document has no EOD."""
+    import sentencepiece
+
+    from examples.tiny_assets import WORDS, make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("legacy")
+    tok = make_tiny_tokenizer(root / "tok")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tok))
+    v = sp.get_piece_size()
+    rng = np.random.default_rng(5)
+    texts = [[" ".join(rng.choice(WORDS, size=int(rng.integers(2, 12)))) for _ in range(int(rng.integers(1, 4)))]
+             for _ in range(30)]
+    texts[4] = ["a line that quotes </s> and <s> literally"]  # the wrapper maps them to 2 and 1
+    texts[7] = []  # empty: no EOD appended
+
+    def write(prefix, texts, eod=v + 2):
+        docs = []
+        builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)  # DType.optimal_dtype(v + 4)
+        for sentences in texts:
+            sentence_ids = [ids for ids in (legacy_sentencepiece_ids(sp, s) for s in sentences) if ids]
+            lens = [len(ids) for ids in sentence_ids]
+            doc = [i for ids in sentence_ids for i in ids]
+            if doc and eod is not None:
+                doc.append(eod)
+                lens[-1] += 1
+            builder.add_document(torch.tensor(doc, dtype=torch.int64), lens)
+            docs.append(doc)
+        builder.finalize(f"{prefix}.idx")
+        return docs
+
+    docs = write(root / "legacy_text_document", texts)
+    return {"root": root, "prefix": root / "legacy_text_document", "v": v, "docs": docs, "write": write, "tok": tok}
+
+
+def legacy_config(prefix, v, *extra, stream_extra=""):
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        "data.source=streaming", "logging.wandb=disabled", "data.shuffle=false", f"model.vocab_size={v}",
+        f"data.streams=[{{path: {prefix}, kind: megatron, tokenizer: legacy-sp{stream_extra}}}]", *extra])
+
+
+def test_legacy_sentencepiece_corpus_is_named_and_read_with_eod_legacy(legacy):
+    from streaming import StreamingDataset
+
+    prefix, v, docs = legacy["prefix"], legacy["v"], legacy["docs"]
+    assert all(d[-1] == v + 2 for d in docs if d) and 2 in docs[4][:-1] and 1 in docs[4][:-1]
+    with pytest.raises(ConfigError) as refused:  # same vocabulary: not "tokenized with another vocabulary"
+        build_loader(legacy_config(prefix, v))
+    msg = str(refused.value)
+    assert "\n" not in msg and "another vocabulary" not in msg
+    assert f"every document with id {v + 2} = model.vocab_size + 2" in msg and "set `eod: legacy`" in msg, msg
+
+    cfg = legacy_config(prefix, v, stream_extra=", eod: legacy")
+    source = StreamingSource(cfg, document_builder(cfg))
+    want = [[BOS, *d[:-1], EOS] for d in docs if d]  # EOD -> our EOS; literal <s>/</s> stay 1/2
+    assert megatron_docs(source, len(want)) == want
+
+    # to-mds reads it the same way, with the tokenizer's own size as V
+    with pytest.raises(ValueError, match=rf"every document with id {v + 2} = the size of .*set --eod legacy to"):
+        convert(["to-mds", str(prefix), "--out", str(legacy["root"] / "refused"), "--tokenizer", str(legacy["tok"])])
+    out = legacy["root"] / "mds"
+    convert(["to-mds", str(prefix), "--out", str(out), "--tokenizer", str(legacy["tok"]), "--eod", "legacy"])
+    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    assert [np.asarray(ds[i]["tokens"]).tolist() for i in range(ds.num_samples)] == want
+
+    with pytest.raises(ConfigError, match=r"data.streams\[0\].eod: legacy .*add_eos: true"):
+        legacy_config(prefix, v, stream_extra=", eod: legacy, add_eos: true")
+    with pytest.raises(ConfigError, match=r"data.streams\[0\].eod: 'nope' is not one of"):
+        legacy_config(prefix, v, stream_extra=", eod: nope")
+
+
+def test_eod_legacy_refuses_what_it_cannot_map(legacy):
+    root, v, write = legacy["root"], legacy["v"], legacy["write"]
+    write(root / "mask", [["one two"], ["it says <MASK> here"]])  # the wrapper's <MASK> = V + 3
+    with pytest.raises(ConfigError, match=rf"'{root / 'mask'}' holds id {v + 3}, the legacy tokenizer's <MASK>"):
+        build_loader(legacy_config(root / "mask", v, stream_extra=", eod: legacy"))
+    write(root / "no_eod", [["one two"], ["three"]], eod=None)  # made without --append-eod
+    with pytest.raises(ConfigError, match=rf"eod: legacy .* EOD {v + 2} .* end with ids other than"):
+        build_loader(legacy_config(root / "no_eod", v, stream_extra=", eod: legacy"))
+    # a model whose text vocabulary is not the SentencePiece model's: EOD is not V + 2, refused
+    with pytest.raises(ConfigError, match=rf"end with id {v + 2}, not EOD {v + 10 + 2}"):
+        build_loader(legacy_config(legacy["prefix"], v + 10, stream_extra=", eod: legacy"))
+
+
+def tokens_model(*extra):
+    """tiny.yaml as the discrete-image baseline: text ids 0..1989, image codes 1990..2005."""
+    return ["model.image_representation=tokens", "model.vocab_size=2006", "model.image_token_offset=1990",
+            "model.image_codebook_size=16", "data.max_caption_tokens=16", *extra]
+
+
+def test_megatron_ids_in_the_image_code_range_are_refused(tmp_path):
+    inside = tmp_path / "inside"
+    build_corpus(inside, [[5, 6], [7, 1995]])  # < vocab_size, but an image code
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.source=streaming", "logging.wandb=disabled",
+                      f"data.streams=[{{path: {inside}, kind: megatron, tokenizer: t}}]", *tokens_model()])
+    with pytest.raises(ConfigError, match=rf"Megatron corpus '{inside}' holds token id 1995 but text ids lie below "
+                                          r"model.image_token_offset=1990"):
+        build_loader(cfg)
+
+
+def test_text_shard_ids_in_the_image_code_range_are_refused(tmp_path):
+    from streaming import MDSWriter
+
+    from data_prep.schema import TEXT_COLUMNS
+
+    shards = tmp_path / "text"
+    with MDSWriter(out=str(shards), columns=TEXT_COLUMNS) as w:
+        for i, body in enumerate([[5, 6], [7, 1999]]):
+            w.write({"key": f"t{i}", "tokens": np.array([BOS, *body, EOS], dtype=np.int32)})
+    text_cfg = lambda: load_config(REPO / "configs" / "tiny.yaml", [  # noqa: E731
+        "data.source=streaming", "logging.wandb=disabled", "data.shuffle=false",
+        f"data.streams=[{{path: {shards}, kind: text}}]", *tokens_model()])
+    (shards / "dataset_info.json").write_text('{"vocab_size": 2000}')
+    with pytest.raises(ConfigError, match=rf"data stream '{shards}' uses a vocabulary of 2000 ids but text ids lie "
+                                          r"below model.image_token_offset=1990"):
+        build_loader(text_cfg())
+    (shards / "dataset_info.json").unlink()  # no vocabulary recorded: the id is caught when read
+    source = StreamingSource(text_cfg(), document_builder(text_cfg()))
+    next(source)
+    with pytest.raises(ConfigError, match=rf"data stream '{shards}' sample t1 holds token id 1999 but text ids lie "
+                                          r"below model.image_token_offset=1990"):
+        next(source)
+
+
+def test_refusals_are_one_line_without_megatron_core_import_noise(tmp_path):
+    oov = tmp_path / "oov"
+    build_corpus(oov, [[5, 6], [7, 2500]])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny.yaml"), "train.device=cpu",
+         "data.source=streaming", "logging.wandb=disabled",
+         f"data.streams=[{{path: {oov}, kind: megatron, tokenizer: t}}]"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert train.returncode == 2 and train.stderr.strip().splitlines() == [
+        f"config error: Megatron corpus '{oov}' holds token ids 5..2500 but model.vocab_size=2000: it was tokenized "
+        "with another vocabulary (see the stream's tokenizer)"], train.stderr
+
+
+def test_scan_of_a_wrong_prefix_says_what_a_prefix_is(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    wrong = tmp_path / "nowhere" / "text_document"
+    scan = subprocess.run([sys.executable, "-m", "data_prep.megatron_convert", "scan", str(wrong)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert scan.returncode == 1 and scan.stderr.strip().splitlines() == [
+        f"megatron_convert: error: Megatron corpus '{wrong}': {wrong}.idx and {wrong}.bin not found (a stream's path "
+        "is the prefix, without .bin/.idx)"], scan.stderr

@@ -10,9 +10,11 @@ One sample is one Megatron *document* (`document_indices`; a document may hold s
 sequences, e.g. with `--split-sentences`), its sequences concatenated. BOS/EOS rule (per stream,
 explicit): `add_bos` prepends the model's BOS, `add_eos` appends its EOS; a corpus made with
 `--append-eod` already ends each document with EOD, so it takes `add_eos: false`. Empty documents
-are skipped (counted in `empty`). Ids must fit the model: the start-up check reads the whole
-corpus once (or a `PREFIX.stats.json` written by `data_prep.megatron_convert scan`), and every
-document read is checked again.
+are skipped (counted in `empty`). Ids must fit the model's text vocabulary (`model.vocab_size`, or
+`model.image_token_offset` with image tokens): the start-up check reads the whole corpus once (or
+a `PREFIX.stats.json` written by `data_prep.megatron_convert scan`), and every document read is
+checked again. `eod: legacy`: the corpus was made with Megatron-LM's legacy SentencePiece wrapper,
+whose EOD is V + 2 (V = the text vocabulary); that id becomes EOS (data_prep/megatron_reader.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from data_prep.megatron_reader import (
-    DOCS_PER_SHARD, SCAN_LIMIT, MegatronCorpusError, corpus_stats, document_ids, open_indexed, stats_path,
+    DOCS_PER_SHARD, SCAN_LIMIT, MegatronCorpusError, corpus_stats, document_ids, ids_beyond, open_indexed, read_stats,
+    stats_path, vocabulary_problem,
 )
 from config import ConfigError
 
@@ -31,8 +34,12 @@ from config import ConfigError
 class MegatronCorpus:
     """Documents of one Megatron prefix by id, with the stream's BOS/EOS rule applied."""
 
-    def __init__(self, prefix: str, vocab_size: int, bos: int, eos: int, add_bos: bool, add_eos: bool) -> None:
-        self.prefix, self.vocab_size = prefix, vocab_size
+    def __init__(self, prefix: str, limit: int, limit_name: str, bos: int, eos: int, add_bos: bool, add_eos: bool,
+                 eod: str = "eos") -> None:
+        """`limit`: the text vocabulary (ids 0..limit-1), named `limit_name` in errors."""
+        self.prefix, self.limit, self.limit_name, self.eod = prefix, limit, limit_name, eod
+        self.eos = eos
+        self.legacy_eod = limit + 2 if eod == "legacy" else None
         try:
             self.ds = open_indexed(prefix)
         except MegatronCorpusError as e:
@@ -52,18 +59,17 @@ class MegatronCorpus:
 
     def _check_vocabulary(self) -> None:
         tokens = int(np.sum(self.ds.index.sequence_lengths, dtype=np.int64))
-        if tokens > SCAN_LIMIT and not stats_path(self.prefix).is_file():
+        if tokens > SCAN_LIMIT and read_stats(self.prefix) is None:
             raise ConfigError(
                 f"Megatron corpus '{self.prefix}' holds {tokens:,} tokens: check its ids once with "
                 f"`python -m data_prep.megatron_convert scan {self.prefix}` (writes {stats_path(self.prefix).name}) "
                 "instead of reading it all at every start"
+                + (" (the one there is out of date)" if stats_path(self.prefix).is_file() else "")
             )
-        stats = corpus_stats(self.prefix, self.ds)
-        if stats["max_id"] >= self.vocab_size or stats["min_id"] < 0:
-            raise ConfigError(
-                f"Megatron corpus '{self.prefix}' holds token ids {stats['min_id']}..{stats['max_id']} but "
-                f"model.vocab_size={self.vocab_size}: it was tokenized with another vocabulary (see the stream's tokenizer)"
-            )
+        problem = vocabulary_problem(self.prefix, corpus_stats(self.prefix, self.ds), self.limit, self.limit_name,
+                                     self.eod)
+        if problem:
+            raise ConfigError(problem)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -76,7 +82,9 @@ class MegatronCorpus:
         if ids.size == 0:
             self.empty += 1
             return {"key": key, "tokens": None}
-        if ids.max() >= self.vocab_size:  # the corpus changed since the start-up check
-            raise ConfigError(f"Megatron corpus '{self.prefix}' document {doc} holds id {int(ids.max())} >= "
-                              f"model.vocab_size={self.vocab_size}")
+        if self.legacy_eod is not None:
+            ids[ids == self.legacy_eod] = self.eos
+        if ids.max() >= self.limit or ids.min() < 0:  # the corpus changed since the start-up check
+            raise ConfigError(f"Megatron corpus '{self.prefix}' document {doc + 1} "
+                              f"{ids_beyond(int(ids.min()), int(ids.max()), self.limit, self.limit_name)}")
         return {"key": key, "tokens": np.concatenate([self.prefix_ids, ids, self.suffix_ids])}

@@ -54,14 +54,28 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
     if stream.kind == "image_tokens":
         check_token_info(stream, info, m)
     vocab = info.get("vocab_size")
-    if vocab is not None and vocab > m.vocab_size:
-        raise ConfigError(f"data stream '{stream.path}' uses a vocabulary of {vocab} > model.vocab_size={m.vocab_size}")
+    if vocab is not None and vocab > text_vocabulary(m)[0]:
+        raise ConfigError(f"data stream '{stream.path}' uses a vocabulary of {vocab} ids but {text_limit(m)}")
     ids = info.get("special_tokens") or {}
     for name, value in vars(m.tokens).items():
         if name in ids and ids[name] != value:
             raise ConfigError(
                 f"data stream '{stream.path}' was tokenized with {name}={ids[name]} but model.tokens.{name}={value}"
             )
+
+
+def text_vocabulary(m: ModelConfig) -> tuple[int, str]:
+    """(end, config key) of the text ids: model.vocab_size, or with image tokens the ids below
+    model.image_token_offset (the codes above it are images, not text)."""
+    if m.image_representation == "tokens":
+        return m.image_token_offset, "model.image_token_offset"
+    return m.vocab_size, "model.vocab_size"
+
+
+def text_limit(m: ModelConfig) -> str:
+    """The text-vocabulary limit as an error message's tail: 'model.vocab_size=N' or 'text ids lie below ...'."""
+    limit, name = text_vocabulary(m)
+    return f"{name}={limit}" if name == "model.vocab_size" else f"text ids lie below {name}={limit}"
 
 
 def check_token_info(stream: StreamConfig, info: dict, m: ModelConfig) -> None:
@@ -120,6 +134,7 @@ class StreamingSource:
         self.max_caption = d.max_caption_tokens
         self.sample_posterior = d.sample_latents
         self.P = cfg.model.patches_per_image
+        self.text_end = text_vocabulary(cfg.model)[0]  # text shards' ids are checked per sample (cheap)
         self.datasets = [self._open(s) for s in self.streams]
         for s, ds in zip(self.streams, self.datasets):
             if ds.num_samples < world:
@@ -137,8 +152,8 @@ class StreamingSource:
     def _open(self, stream: StreamConfig) -> StreamingDataset | MegatronCorpus:
         if stream.kind == "megatron":
             m = self.cfg.model
-            return MegatronCorpus(stream.path, m.vocab_size, m.tokens.bos, m.tokens.eos, stream.add_bos,
-                                  stream.add_eos)
+            return MegatronCorpus(stream.path, *text_vocabulary(m), m.tokens.bos, m.tokens.eos, stream.add_bos,
+                                  stream.add_eos, stream.eod)
         return open_stream(stream)
 
     def _order(self, i: int) -> EpochOrder:
@@ -164,15 +179,21 @@ class StreamingSource:
             i = int(np.argmin([p / s for p, s in zip(self.positions, self.shares)]))
             sample, epoch, pos = self._next_sample(i)
             rng = np.random.default_rng([self.seed, i, epoch, pos])
-            doc = self._document(self.streams[i].kind, sample, rng)
+            doc = self._document(self.streams[i], sample, rng)
         self.positions[i] += doc.num_positions(self.P)
         return doc
 
-    def _document(self, kind: str, sample: dict, rng: np.random.Generator) -> Document | None:
+    def _document(self, stream: StreamConfig, sample: dict, rng: np.random.Generator) -> Document | None:
+        kind = stream.kind
         if kind in ("text", "megatron"):
             if sample["tokens"] is None:
                 return None
-            return self.builder.text(np.asarray(sample["tokens"], dtype=np.int64), add_bos_eos=False)
+            tokens = np.asarray(sample["tokens"], dtype=np.int64)
+            if kind == "text" and tokens.size and (tokens.max() >= self.text_end or tokens.min() < 0):
+                bad = int(tokens.max()) if tokens.max() >= self.text_end else int(tokens.min())
+                raise ConfigError(f"data stream '{stream.path}' sample {sample['key']} holds token id {bad} but "
+                                  f"{text_limit(self.cfg.model)}")
+            return self.builder.text(tokens, add_bos_eos=False)
         if kind == "image_tokens":  # discrete baseline: BOI + offset codes + EOI, LM loss only
             caption = np.asarray(sample["caption_ids"], dtype=np.int64)[: self.max_caption]
             codes = np.asarray(sample["image_tokens"], dtype=np.int64) + self.cfg.model.image_token_offset
