@@ -2,6 +2,21 @@
 
 Triton itself is imported lazily (first call), because `@triton.jit` decides at import time
 whether the kernels run compiled (CUDA) or under the interpreter (TRITON_INTERPRET=1, CPU).
+
+Which path is for what:
+
+- **16-bit (bf16 / fp16): the training path.** Tile shapes (`default_blocks`) and num_warps /
+  num_stages (`launch_options`, per GPU architecture: the sm_80 and sm_90 families) are chosen so
+  that every kernel (forward, backward preprocess, dK/dV with and without atomic dQ, deterministic
+  dQ) compiles for sm_80 and sm_90 at head dims 64 and 128 and GQA groups 1/4/8 without register
+  spills and within the per-block shared memory limit; tests/test_kernels_compile.py checks this
+  ahead of time on CPU, `python -m benchmarks.kernel_resources` prints the compiler's figures.
+- **fp32: numerics and reference only** (tests under the interpreter, checking the 16-bit path). It
+  compiles for both architectures but spills registers (exact fp32 dots, no tensor-core tiles);
+  not tuned and not meant for training speed.
+
+On the CPU (interpreter) `arch` is None: the sm_90 choices apply (the interpreter ignores
+num_warps / num_stages, so only the tile shapes matter there).
 """
 
 from __future__ import annotations
@@ -69,19 +84,57 @@ class BlockSizes:
 
 
 def default_blocks(head_dim: int, dtype: torch.dtype) -> BlockSizes:
-    """Block sizes that fit shared memory on current GPUs for this head dim and dtype."""
+    """Tile shapes for this head dim and dtype: the same on sm_80 and sm_90 (what differs per
+    architecture is num_warps / num_stages, `launch_options`), so planner/runtime.py's tile counts
+    hold on both."""
     wide = head_dim > 64
     if dtype == torch.float32:
         return BlockSizes(64, 32, 32, 32) if wide else BlockSizes(64, 64, 32, 64)
     return BlockSizes(128, 32, 32, 64) if wide else BlockSizes(128, 64, 64, 64)
 
 
-def _dot_precision(q: torch.Tensor) -> str:
+KERNELS = ("forward", "preprocess", "dkdv", "dq")
+
+
+def launch_options(kernel: str, head_dim: int, dtype: torch.dtype, arch: int | None) -> dict[str, int]:
+    """num_warps / num_stages of one kernel ("forward", "preprocess", "dkdv", "dq") with the
+    default_blocks tiles, for compute capability `arch` (80 for A100, 90 for H100; None: the
+    interpreter, which uses the sm_90 choice).
+
+    16-bit: head dim > 64 uses 8 warps and 3 stages on both architectures. Head dim 64 uses 4 warps
+    on sm_90 (wgmma) but 8 on the sm_80 family (mma.sync keeps more of each tile in registers: at
+    4 warps the forward, dK/dV and dQ kernels spill there), and the sm_80 dK/dV kernel 2 stages
+    (3 spill). fp32 (may spill, see the module docstring): 4 warps at head dim 64, 8 warps and 2
+    stages above (to stay near 100 KB of shared memory)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown span-attention kernel {kernel!r}, expected one of {KERNELS}")
+    if kernel == "preprocess":
+        return {"num_warps": 4, "num_stages": 3}
+    wide = head_dim > 64
+    if dtype == torch.float32:
+        return {"num_warps": 8, "num_stages": 2} if wide else {"num_warps": 4, "num_stages": 3}
+    if wide:
+        return {"num_warps": 8, "num_stages": 3}
+    if arch is not None and arch < 90:
+        return {"num_warps": 8, "num_stages": 2 if kernel == "dkdv" else 3}
+    return {"num_warps": 4, "num_stages": 3}
+
+
+def cuda_arch(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as major * 10 + minor (80: A100, 90: H100), the
+    target Triton compiles for there; None for a CPU device (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def _dot_precision(dtype: torch.dtype, arch: int | None) -> str:
     """tl.dot input precision: exact fp32 products for fp32 inputs unless TF32 matmuls are allowed;
     "upcast" for bf16 under the interpreter (its bf16 dot is wrong, see triton_span_fwd._dot)."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if dtype == torch.bfloat16 and arch is None:
         return "upcast"
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
 
@@ -105,24 +158,16 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_options(q: torch.Tensor) -> dict[str, int]:
-    """num_warps / num_stages: fp32 with d > 64 uses 2 stages to stay under ~100 KB shared memory."""
-    D = q.shape[-1]
-    opts = {"num_warps": 8 if D > 64 else 4}
-    if q.dtype == torch.float32 and D > 64:
-        opts["num_stages"] = 2
-    return opts
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _launch_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-    scale: float, blocks: BlockSizes, counter: torch.Tensor | None,
+    scale: float, blocks: BlockSizes, counter: torch.Tensor | None, arch: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel: returns out [B, S, H, D] (q's dtype) and LSE [B, H, S] fp32 (base 2)."""
+    """Run the forward kernel: returns out [B, S, H, D] (q's dtype) and LSE [B, H, S] fp32 (base 2).
+    `arch`: cuda_arch of q's device (benchmarks/kernel_resources.py passes a target's)."""
     fwd, _ = _kernels()
     B, S, H, D = q.shape
     out = torch.empty_like(q)
@@ -135,7 +180,7 @@ def _launch_forward(
         H, S, k.shape[1], scale * math.log2(math.e),
         GROUP=H // k.shape[2], HEAD_DIM=D, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n,
         BLOCK_D=max(16, triton_next_pow2(D)), COUNT=counter is not None,
-        DOT_PRECISION=_dot_precision(q), **_launch_options(q),
+        DOT_PRECISION=_dot_precision(q.dtype, arch), **launch_options("forward", D, q.dtype, arch),
     )
     return out, lse
 
@@ -143,7 +188,7 @@ def _launch_forward(
 def _launch_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qb_bounds: torch.Tensor, scale: float,
-    blocks: BlockSizes, deterministic: bool, counter: torch.Tensor | None,
+    blocks: BlockSizes, deterministic: bool, counter: torch.Tensor | None, arch: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run preprocess, dK/dV and dQ kernels; returns (dq, dk, dv) in the inputs' dtypes."""
     fwd, bwd = _kernels()
@@ -153,6 +198,7 @@ def _launch_backward(
     delta = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
     fwd.span_bwd_preprocess_kernel[(cdiv(S, 64), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, S, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=block_d,
+        **launch_options("preprocess", D, q.dtype, arch),
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -161,14 +207,14 @@ def _launch_backward(
     cnt = counter if counter is not None else delta
     qk_scale = scale * math.log2(math.e)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, COUNT=counter is not None,
-                  DOT_PRECISION=_dot_precision(q), **_launch_options(q))
+                  DOT_PRECISION=_dot_precision(q.dtype, arch))
     S_k = k.shape[1]
     bwd.span_bwd_kv_kernel[(cdiv(S_k, blocks.bwd_n), B * H_kv)](
         q, k, v, do, dq, dk, dv, lse, delta, lo, hi, qb_bounds, cnt,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         H, H_kv, S, S_k, cdiv(S_k, blocks.bwd_n), qk_scale, scale,
         GROUP=H // H_kv, BLOCK_M=blocks.bwd_m, BLOCK_N=blocks.bwd_n, ATOMIC_DQ=not deterministic,
-        **common,
+        **common, **launch_options("dkdv", D, q.dtype, arch),
     )
     if deterministic:
         bwd.span_bwd_q_kernel[(cdiv(S, blocks.bwd_m), B * H)](
@@ -176,6 +222,7 @@ def _launch_backward(
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, S, S_k, qk_scale, scale,
             GROUP=H // H_kv, BLOCK_M=blocks.bwd_m, BLOCK_N=blocks.bwd_n, **common,
+            **launch_options("dq", D, q.dtype, arch),
         )
     else:
         dq = dq.to(q.dtype)
@@ -191,10 +238,12 @@ class SpanAttentionFunction(torch.autograd.Function):
         scale: float, blocks: BlockSizes, deterministic: bool, counter: torch.Tensor | None,
         qb_bounds: torch.Tensor | None,
     ) -> torch.Tensor:
-        out, lse = _launch_forward(q, k, v, lo, hi, scale, blocks, counter)
+        arch = cuda_arch(q.device)
+        out, lse = _launch_forward(q, k, v, lo, hi, scale, blocks, counter, arch)
         ctx.save_for_backward(q, k, v, out, lse, lo, hi, qb_bounds if qb_bounds is not None else lse)
         ctx.has_bounds = qb_bounds is not None
         ctx.scale, ctx.blocks, ctx.deterministic, ctx.counter = scale, blocks, deterministic, counter
+        ctx.arch = arch
         return out
 
     @staticmethod
@@ -204,7 +253,7 @@ class SpanAttentionFunction(torch.autograd.Function):
             qb_bounds = key_block_bounds(lo, hi, ctx.blocks.bwd_m, ctx.blocks.bwd_n, k.shape[1])
         do = _last_dim_contiguous(do)
         dq, dk, dv = _launch_backward(do, q, k, v, out, lse, lo, hi, qb_bounds, ctx.scale,
-                                      ctx.blocks, ctx.deterministic, ctx.counter)
+                                      ctx.blocks, ctx.deterministic, ctx.counter, ctx.arch)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

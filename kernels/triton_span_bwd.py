@@ -16,14 +16,36 @@ from .triton_span_fwd import _dot, _key_block_scores, _load_tile, _q_block_bound
 
 @triton.jit
 def _bwd_kv_inner(
-    dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base, LO, HI,
+    dk, dv, k, v, q_head0, do_head0, dq_head0, lse_head0, delta_head0, LO, HI,
+    stride_qh, stride_doh, stride_dqh,
     stride_qs, stride_qd, stride_dos, stride_dod, stride_dqs, stride_dqd,
     offs_n, offs_d, dmask, qb_first, qb_last, S, qk_scale, sm_scale, CNT,
-    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    COUNT: tl.constexpr, CNT_SLOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, COUNT: tl.constexpr, CNT_SLOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [qb_first, qb_last)."""
-    for qb in range(qb_first, qb_last):
+    """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [qb_first, qb_last)
+    of each of the GROUP query heads sharing its kv head (head-major: all of head 0's blocks, then
+    head 1's, ...). One flat loop over (head, query block) rather than a loop over heads around a
+    loop over blocks: the nested loops spill registers in 16-bit (benchmarks/kernel_resources.py).
+    The *_head0 pointers/offsets are those of the group's first query head."""
+    n_qb = qb_last - qb_first
+    for it in range(0, GROUP * n_qb):
+        if GROUP == 1:
+            qb = qb_first + it
+            q_base = q_head0
+            do_base = do_head0
+            dq_base = dq_head0
+            lse_base = lse_head0
+            delta_base = delta_head0
+        else:
+            g = it // n_qb
+            qb = qb_first + (it - g * n_qb)
+            q_base = q_head0 + g * stride_qh
+            do_base = do_head0 + g * stride_doh
+            dq_base = dq_head0 + g * stride_dqh
+            lse_base = lse_head0 + g * S
+            delta_base = delta_head0 + g * S
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < S
         q = _load_tile(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -96,28 +118,29 @@ def span_bwd_kv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo_base = LO + b64 * S
     hi_base = HI + b64 * S
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b64 * stride_qb + h * stride_qh
-        do_base = DO + b64 * stride_dob + h * stride_doh
-        dq_base = DQ + b64 * stride_dqb + h * stride_dqh
-        lse_base = LSE + (b64 * H + h) * S
-        delta_base = DELTA + (b64 * H + h) * S
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                               lo_base, hi_base, stride_qs, stride_qd, stride_dos, stride_dod,
-                               stride_dqs, stride_dqd, offs_n, offs_d, dmask, start, f0, S,
-                               qk_scale, sm_scale, CNT, BLOCK_M, EVEN_D, True, ATOMIC_DQ, COUNT, 2,
-                               DOT_PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                               lo_base, hi_base, stride_qs, stride_qd, stride_dos, stride_dod,
-                               stride_dqs, stride_dqd, offs_n, offs_d, dmask, f0, f1, S,
-                               qk_scale, sm_scale, CNT, BLOCK_M, EVEN_D, False, ATOMIC_DQ, COUNT,
-                               3, DOT_PRECISION)
-        dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, dq_base, lse_base, delta_base,
-                               lo_base, hi_base, stride_qs, stride_qd, stride_dos, stride_dod,
-                               stride_dqs, stride_dqd, offs_n, offs_d, dmask, f1, end, S,
-                               qk_scale, sm_scale, CNT, BLOCK_M, EVEN_D, True, ATOMIC_DQ, COUNT, 2,
-                               DOT_PRECISION)
+    h0 = hk * GROUP  # the group's first query head
+    q_head0 = Q + b64 * stride_qb + h0 * stride_qh
+    do_head0 = DO + b64 * stride_dob + h0 * stride_doh
+    dq_head0 = DQ + b64 * stride_dqb + h0 * stride_dqh
+    lse_head0 = LSE + (b64 * H + h0) * S
+    delta_head0 = DELTA + (b64 * H + h0) * S
+    # Partial query blocks before the fully-visible ones, the fully-visible ones, partial after;
+    # each pass over all GROUP heads (so dK/dV sum the partial-before tiles of every head first).
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, q_head0, do_head0, dq_head0, lse_head0, delta_head0,
+                           lo_base, hi_base, stride_qh, stride_doh, stride_dqh, stride_qs, stride_qd,
+                           stride_dos, stride_dod, stride_dqs, stride_dqd, offs_n, offs_d, dmask,
+                           start, f0, S, qk_scale, sm_scale, CNT, GROUP, BLOCK_M, EVEN_D, True,
+                           ATOMIC_DQ, COUNT, 2, DOT_PRECISION)
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, q_head0, do_head0, dq_head0, lse_head0, delta_head0,
+                           lo_base, hi_base, stride_qh, stride_doh, stride_dqh, stride_qs, stride_qd,
+                           stride_dos, stride_dod, stride_dqs, stride_dqd, offs_n, offs_d, dmask,
+                           f0, f1, S, qk_scale, sm_scale, CNT, GROUP, BLOCK_M, EVEN_D, False,
+                           ATOMIC_DQ, COUNT, 3, DOT_PRECISION)
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, q_head0, do_head0, dq_head0, lse_head0, delta_head0,
+                           lo_base, hi_base, stride_qh, stride_doh, stride_dqh, stride_qs, stride_qd,
+                           stride_dos, stride_dod, stride_dqs, stride_dqd, offs_n, offs_d, dmask,
+                           f1, end, S, qk_scale, sm_scale, CNT, GROUP, BLOCK_M, EVEN_D, True,
+                           ATOMIC_DQ, COUNT, 2, DOT_PRECISION)
     out_mask = nmask[:, None] & dmask[None, :]
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks
              + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
