@@ -51,6 +51,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     image_first_max_t: int = 500
     max_waiting_images: int = 4  # image documents the packer may hold back before padding a row
+    prefetch: int = 2  # steps of micro-batches built ahead in a background thread (trainer/prefetch.py); 0: off
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def validate(self, m: ModelConfig, seq_len: int, num_timesteps: int) -> None:
@@ -87,6 +88,7 @@ class DataConfig:
             f"data.image_first_max_t={self.image_first_max_t} must lie in (0, diffusion.num_timesteps]",
         )
         require(self.shuffle_block >= 1, "data.shuffle_block must be >= 1")
+        require(self.prefetch >= 0, f"data.prefetch must be >= 0 (steps built ahead; 0: off), got {self.prefetch}")
 
 
 # How each kind of stream is prepared (named in the error when its shards are missing).

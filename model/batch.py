@@ -57,9 +57,10 @@ class PackedBatch:
     def num_images(self) -> int:
         return self.latents.shape[0]
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """Every tensor on `device` (`non_blocking`: asynchronous from pinned host memory)."""
         return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+            self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self)}
         )
 
     def pin_memory(self) -> "PackedBatch":

@@ -181,3 +181,26 @@ def test_a_preemption_during_skipped_steps_saves_and_requeues(tiny_cfg, monkeypa
     assert saved.name == "step_00000000"
     assert json.loads((saved / "manifest.json").read_text())["clean"] is False  # saved after a skipped step
     assert (tiny_cfg.output_dir / "REQUEUE").read_text() == "0\n"
+
+
+def test_preempted_run_with_prefetch_resumes_bitwise_like_an_uninterrupted_run(tiny_cfg, monkeypatch, tmp_path):
+    """With data.prefetch the thread is steps ahead when the checkpoint is taken: it must hold the
+    consumed position, so the resumed run sees the same batches (and losses) as one without a stop."""
+    from trainer.preemption import Preempted, PreemptionWatcher
+    from trainer.prefetch import THREAD_NAME
+
+    cfg = tiny_cfg
+    cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len, cfg.model.max_seq_len = 2, 2, 128, 128
+    cfg.train.steps, cfg.train.grad_accum, cfg.data.prefetch = 6, 2, 0
+    want = [(m["loss"], m["grad_norm"]) for m in train(cfg)]  # uninterrupted, no prefetch
+    calls = iter(range(1, 1000))
+    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: next(calls) == 3)  # after step 3
+    cfg.train.output_dir, cfg.data.prefetch = str(tmp_path / "resumed"), 3
+    cfg.checkpoint.enabled, cfg.checkpoint.interval = True, 0
+    with pytest.raises(Preempted):
+        train(cfg)
+    assert [p.name for p in checkpoint_dirs(cfg.output_dir / "checkpoints")] == ["step_00000003"]
+    rest = train(cfg)
+    assert not [t for t in __import__("threading").enumerate() if t.name == THREAD_NAME]
+    got = [(m["loss"], m["grad_norm"]) for m in rest]
+    assert len(got) == 3 and got == want[3:]  # bitwise

@@ -30,6 +30,7 @@ from .data import build_loader
 from .hardware import gpu_for_device_name
 from .metrics import MetricsLogger
 from .optim import AdamWCosine
+from .prefetch import StepPrefetcher, to_device
 from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
 from .redact import redact
 from .train_state import ScheduleState, TrainState
@@ -57,9 +58,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
     env = init_distributed(ParallelDims.from_config(cfg.parallel), cfg.train.device)
     engine = make_engine(cfg, env)
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
+    # Steps of micro-batches built ahead in a thread; it stands for the loader in checkpoints (consumed position).
+    steps = StepPrefetcher(loader, cfg.train.grad_accum, cfg.data.prefetch, pin_memory=env.device.type == "cuda")
     state, config, out = TrainState(), redact(cfg.to_dict()), cfg.output_dir  # config: no secrets
     ckpt = CheckpointManager(cfg.checkpoint, out / "checkpoints", engine, config, state,
-                             {"scheduler": ScheduleState(engine.scheduler)}, {"loader": loader},
+                             {"scheduler": ScheduleState(engine.scheduler)}, {"loader": steps},
                              dp=(env.dp_rank, env.dims.dp), total_steps=cfg.train.steps)
     ckpt.load()
     logger = MetricsLogger(cfg.logging, out, config, enabled=env.is_main, resume_id=state.wandb_id,
@@ -70,9 +73,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
     try:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
-            batches = [next(loader) for _ in range(cfg.train.grad_accum)]
+            batches = next(steps)
             try:
-                result = engine.train_step(batches, state.step)
+                result = engine.train_step([to_device(b, env.device) for b in batches], state.step)
             except NonFiniteUpdate as e:
                 raise TrainingDiverged(str(e)) from None
             if result.skipped:
@@ -91,6 +94,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 break
         ckpt.wait()
     finally:
+        steps.close()
         run_dir = logger.run_dir
         logger.close()
         preemption.restore()
