@@ -69,12 +69,13 @@ def attention(smoke: bool, rows: int | None = None, reps: int | None = None) -> 
 
 def time_case(cfg: Any, batch: Any, device: str, dtype: torch.dtype, warmup: int, reps: int) -> dict[str, Any]:
     from kernels.spans import is_document_causal
+    from model.flops import span_pairs
 
     m = cfg.model
     B, S = batch.kv_lo.shape
     H, H_kv, D = m.n_heads, m.kv_heads, m.head_dim
     lo, hi = batch.kv_lo.to(device), batch.kv_hi.to(device)
-    pairs = int((hi.long() - lo.long()).clamp(min=0).sum())
+    pairs = int(span_pairs(lo, hi))
     fwd_flops = 4.0 * D * H * pairs
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, S, h, D, generator=gen, device=device, dtype=dtype) for h in (H, H_kv, H_kv))

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import flop_registry
 from kernels.dispatch import register_backend, unregister_backend
 from kernels.spans import key_block_bounds, query_block_bounds
 from kernels.triton_span import default_blocks
+from model.flops import span_pairs
 
 from .torch_internals import (
     FakeTensor, FakeTensorMode, TorchDispatchMode, _disable_current_modes, flatten_mesh, recomputing,
@@ -212,7 +213,7 @@ def _record(work: "AttentionWork | None", q, k, rlo, rhi, backward: bool) -> Non
 def _count(work: AttentionWork, q_shape: torch.Size, n_keys: int, rlo, rhi, backward: bool) -> None:  # noqa: ANN001
     B, S, H, D = q_shape
     blocks = default_blocks(D, torch.bfloat16)
-    pairs = int((rhi.long() - rlo.long()).clamp(min=0).sum()) * H
+    pairs = int(span_pairs(rlo, rhi)) * H
     if backward:
         kb = key_block_bounds(rlo, rhi, blocks.bwd_m, blocks.bwd_n, n_keys)
         tiles = int((kb[..., 3] - kb[..., 0]).clamp(min=0).sum()) * blocks.bwd_m * blocks.bwd_n * H
