@@ -12,12 +12,11 @@ residual stream and the U-Net skips instead of a ModelOutput.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from config import ModelConfig
+from .init import Place, copy_full, init_parameters
 from .layers import KVCache, TransformerBlock, rope_frequencies
 from .patch_codecs import Skips, build_patch_codecs
 
@@ -59,10 +58,13 @@ class ModelOutput:
 
 
 class TransfusionModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+        """The model with its initial weights for run seed `seed` (model/init.py: a function of the
+        seed and each parameter's name); on the meta device nothing is drawn until `init_weights`."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.seed = seed
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.patch_encoder, self.patch_decoder = build_patch_codecs(cfg)
         # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
@@ -71,19 +73,10 @@ class TransfusionModel(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter; also used after materialising a meta-device model."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual projections, GPT-2 style
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, nn.Linear) and not name.startswith("patch_"):
-                residual = name.endswith(("attention.wo", "feed_forward.w2"))
-                nn.init.normal_(module.weight, std=out_std if residual else std)
-            elif hasattr(module, "reset_parameters") and module is not self:
-                module.reset_parameters()  # norms, convs and linears of the patch codecs
+    def init_weights(self, place: Place = copy_full) -> None:
+        """(Re)initialise every parameter this module holds (a pipeline stage: its own) for
+        `self.seed`; `place` writes each full value into its parameter (parallel/: the local shard)."""
+        init_parameters(self, self.cfg, self.seed, place)
 
     def embed(
         self, tokens: torch.Tensor, is_image: torch.Tensor, noisy_latents: torch.Tensor, timesteps: torch.Tensor

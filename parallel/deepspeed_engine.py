@@ -106,7 +106,7 @@ def _check_layout(cfg) -> None:
         "parallel.dp_replicate > 1 (DeepSpeed ZeRO partitions over all data-parallel ranks; "
         "use parallel.dp_shard)": p.dp_replicate > 1,
         "parallel.cpu_offload (FSDP's; use parallel.deepspeed.offload_optimizer)": p.cpu_offload,
-        "parallel.meta_init (DeepSpeed needs a materialised model)": p.meta_init,
+        "parallel.meta_init (DeepSpeed needs a materialised model; set parallel.meta_init=false)": p.meta_init,
     }
     for what, hit in bad.items():
         if hit:

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.transfusion import TransfusionModel
 
@@ -46,6 +47,14 @@ class ParallelModel:
                 part.set_requires_gradient_sync(enabled)
 
 
+def place_shard(param: nn.Parameter, full: torch.Tensor) -> None:
+    """Write this rank's slice of the full initial value into `param` (a DTensor: its local shard
+    under any placements, FSDP's strided ones included; sliced locally, nothing communicated)."""
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
+
+
 def parallelize(
     model: TransfusionModel, env: DistEnv, pcfg, dtype: str, n_microbatches: int, image_capacity: int,
     loss_fn: Callable | None = None,
@@ -65,7 +74,7 @@ def parallelize(
             apply_fsdp(module, dp_mesh, param_dtype, torch.float32, pcfg.reshard_after_forward, pcfg.cpu_offload)
         if pcfg.meta_init:
             module.to_empty(device=env.device)
-            module.init_weights()
+            module.init_weights(place_shard)
         else:
             module.to(env.device)
 

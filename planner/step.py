@@ -170,7 +170,7 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
     real_batches = _micro_batches(cfg, env.dp_rank, dims.dp, n_micro)
     with fake, shadow:
         torch.manual_seed(cfg.train.seed)
-        model = TransfusionModel(cfg.model)
+        model = TransfusionModel(cfg.model, cfg.train.seed)
         batches = [dataclasses.replace(b, **{f.name: to_fake(fake, getattr(b, f.name)) for f in dataclasses.fields(b)})
                    for b in real_batches]
         boundary = _boundary_spec(model, cfg, dims, batches[0]) if dims.pp > 1 else None

@@ -54,6 +54,11 @@ def run_training(cfg: Config, env=None) -> dict:
     }
 
 
+def initial_weights(cfg: Config, env=None) -> dict:
+    """The full initial weights this rank holds (a pipeline rank: its stages), before any step."""
+    return {k: v.detach().cpu().clone() for k, v in make_engine(cfg, env).full_state_dict().items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

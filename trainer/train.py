@@ -43,7 +43,7 @@ def make_engine(cfg: Config, env: DistEnv | None = None) -> TrainingEngine:
     env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta") if cfg.parallel.meta_init else contextlib.nullcontext():
-        model = TransfusionModel(cfg.model)
+        model = TransfusionModel(cfg.model, cfg.train.seed)
     return build_engine(model, cfg, env, AdamWCosine(cfg.optim, cfg.train.steps))
 
 
