@@ -67,6 +67,11 @@ def init_rule(cfg: ModelConfig, module_name: str, module: nn.Module, param_name:
     raise ValueError(f"no initialisation rule for parameter '{module_name}.{param_name}' of a {type(module).__name__}")
 
 
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `param`: a DTensor's local shard, any other tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def copy_full(param: nn.Parameter, value: torch.Tensor) -> None:
     param.copy_(value)
 
@@ -81,7 +86,7 @@ def init_parameters(model: nn.Module, cfg: ModelConfig, seed: int, place: Place 
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
             rule = init_rule(cfg, module_name, module, param_name)
-            local = param.to_local() if hasattr(param, "to_local") else param
+            local = local_tensor(param)
             full = torch.empty(param.shape, dtype=param.dtype, device=local.device)  # DTensor: the global shape
             generator = torch.Generator(device=local.device).manual_seed(parameter_seed(seed, name))
             rule(full, generator)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from config import Config, load_config
 from model import TransfusionModel
+from model.init import local_tensor
 from parallel.dims import ParallelDims, mesh_env
 from trainer.train import make_engine
 
@@ -54,17 +55,13 @@ def init_memory(cfg: Config, rank: int, meta_init: bool) -> InitMemory:
         tracker = ti.peak_only(None, None)
         with fake, RealShadow(fake), ti.fake_parallelize(), tracker:
             engine = make_engine(cfg, env)
-        held = sum(_local(p).numel() * p.element_size() for part in engine.parts for p in part.parameters())
+        held = sum(local_tensor(p).numel() * p.element_size() for part in engine.parts for p in part.parameters())
         del engine
     finally:
         dist.destroy_process_group()
     peaks = tracker.get_tracker_snapshot("peak")
     peak = max((int(snap.get("Total", 0)) for dev, snap in peaks.items() if torch.device(dev).type != "meta"), default=0)
     return InitMemory(meta_init, peak, held, _largest_parameter_bytes(cfg))
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _largest_parameter_bytes(cfg: Config) -> int:

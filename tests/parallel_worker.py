@@ -59,6 +59,17 @@ def initial_weights(cfg: Config, env=None) -> dict:
     return {k: v.detach().cpu().clone() for k, v in make_engine(cfg, env).full_state_dict().items()}
 
 
+def merged(ranks: list[dict], key: str | None = None) -> dict:
+    """One layout's per-rank results (each rank's dict, or its `key` entry) merged into one dict, after
+    failing with the traceback of any rank that raised; pipeline ranks each hold their stages'
+    parameters, so together they must cover the model."""
+    out = {}
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r}:\n{res['error']}"
+        out.update(res if key is None else res[key])
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

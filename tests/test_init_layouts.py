@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import TransfusionModel
-from tests.parallel_worker import initial_weights, layout_config, spawn_jobs
+from tests.parallel_worker import initial_weights, layout_config, merged, spawn_jobs
 
 META = ["parallel.meta_init=true"]
 EIGHT_LAYERS = ["model.n_layers=8", "train.grad_accum=4"]  # pp4 with two stages per rank
@@ -45,19 +45,14 @@ def results_dir(tmp_path_factory):
 @pytest.mark.parametrize("world, name", [(w, n) for w, ls in LAYOUTS.items() for n in ls])
 def test_initial_weights_match_one_process(world, name, results_dir):
     overrides = LAYOUTS[world][name]
-    ranks = layout_weights(world, results_dir)[name]
-    for r, res in enumerate(ranks):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    weights = merged(layout_weights(world, results_dir)[name])
     cfg = layout_config([o for o in overrides if not o.startswith("parallel.")])
     want = TransfusionModel(cfg.model, cfg.train.seed).state_dict()
-    merged = {}
-    for res in ranks:  # pipeline ranks hold their stages; sharded ranks each the gathered whole
-        merged.update(res)
-    assert merged.keys() == want.keys()
+    assert weights.keys() == want.keys()
     for key, value in want.items():
-        assert torch.equal(merged[key], value), f"{name}: {key} differs from the one-process model"
+        assert torch.equal(weights[key], value), f"{name}: {key} differs from the one-process model"
     if name.startswith("pp"):
-        assert_no_shared_numbers(merged)
+        assert_no_shared_numbers(weights)
 
 
 def assert_no_shared_numbers(params: dict[str, torch.Tensor]) -> None:

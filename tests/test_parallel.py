@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from tests.parallel_worker import layout_config, run_training, spawn_jobs
+from tests.parallel_worker import layout_config, merged, run_training, spawn_jobs
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
@@ -64,16 +64,11 @@ def results_dir(tmp_path_factory):
 def test_layout_matches_single_process(world, name, results_dir):
     overrides = LAYOUTS[world][name]
     ranks = layout_results(world, results_dir)[name]
-    for r, res in enumerate(ranks):
-        assert "error" not in res, f"rank {r}:\n{res['error']}"
+    params = merged(ranks, "params")
     ref = reference(tuple(overrides), dp_size(overrides))
     ref_losses, ref_params = ref["losses"], ref["params"]
     for r, res in enumerate(ranks):
         assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
-    # Pipeline ranks each hold their stages' parameters: together they must cover the model.
-    merged = {}
-    for res in ranks:
-        merged.update(res["params"])
-    assert merged.keys() == ref_params.keys()
+    assert params.keys() == ref_params.keys()
     for key, want in ref_params.items():
-        torch.testing.assert_close(merged[key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(params[key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=lambda m: f"{key}: {m}")
