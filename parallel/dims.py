@@ -104,11 +104,14 @@ def resolve_device(name: str, environ: Mapping[str, str] = os.environ, cuda_devi
     return torch.device("cuda", index)
 
 
-def init_distributed(dims: ParallelDims, device_type: str = "auto", timeout_s: int = 1800) -> DistEnv:
+def init_distributed(dims: ParallelDims, device_type: str = "auto", timeout_s: int = 1800,
+                     one_rank_mesh: bool = False) -> DistEnv:
     """This process's device (`resolve_device(device_type)`, made current), the default process
     group (NCCL bound to that device, or gloo on CPU) and the mesh.
 
-    Single-process runs (world size 1) get no process group and no mesh.
+    A single process (world size 1) gets no process group and no mesh, unless `one_rank_mesh`
+    (bf16 training wraps even one rank in FSDP2, see parallel.parallelize.wraps_fsdp): then a one-rank
+    group over an in-process store, which the caller destroys (trainer.train.main does).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != dims.world_size:
@@ -119,13 +122,15 @@ def init_distributed(dims: ParallelDims, device_type: str = "auto", timeout_s: i
     device = resolve_device(device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world == 1:
+    if world == 1 and not one_rank_mesh:
         return DistEnv(dims, None, device, 0, 0)
     if not dist.is_initialized():
         cuda = device.type == "cuda"
         # device_id binds the NCCL communicator to this GPU (eager init, no implicit device 0).
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)
+        group = {"timeout": datetime.timedelta(seconds=timeout_s), "device_id": device if cuda else None}
+        if world == 1:  # no launcher, no rendezvous: nothing to reach but itself
+            group.update(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", **group)
     return mesh_env(dims, device)
 
 

@@ -16,7 +16,7 @@ from model.transfusion import TransfusionModel
 
 from .activation import apply_activation_checkpointing, apply_compile
 from .data_parallel import apply_fsdp
-from .dims import DistEnv
+from .dims import DistEnv, ParallelDims
 from .pipeline import build_pipeline
 from .tensor_parallel import apply_tensor_parallel
 
@@ -55,6 +55,13 @@ def place_shard(param: nn.Parameter, full: torch.Tensor) -> None:
     param.copy_(full)
 
 
+def wraps_fsdp(dims: ParallelDims, dtype: str) -> bool:
+    """Whether FSDP2 wraps the model: to shard it over data-parallel ranks, and in bf16 always, since
+    its MixedPrecisionPolicy (bf16 parameters in compute, fp32 master weights and gradient reduction)
+    is the one bf16 policy of every layout; over a one-rank mesh it shards nothing, only casts."""
+    return dims.dp > 1 or dtype == "bf16"
+
+
 def parallelize(
     model: TransfusionModel, env: DistEnv, pcfg, dtype: str, n_microbatches: int, image_capacity: int,
     loss_fn: Callable | None = None,
@@ -69,7 +76,10 @@ def parallelize(
         apply_activation_checkpointing(module, pcfg.activation_checkpoint, pcfg.activation_checkpoint_every)
         if pcfg.compile:
             apply_compile(module)
-        if dims.dp > 1:
+        if wraps_fsdp(dims, dtype):
+            if env.mesh is None:
+                raise ValueError("bf16 training needs a process group, also on one process: build the DistEnv "
+                                 "with parallel.dims.init_distributed(..., one_rank_mesh=True)")
             dp_mesh = env.mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else env.mesh["dp_shard"]
             apply_fsdp(module, dp_mesh, param_dtype, torch.float32, pcfg.reshard_after_forward, pcfg.cpu_offload)
         if pcfg.meta_init:

@@ -275,16 +275,13 @@ def _boundary_spec(model: TransfusionModel, cfg: Config, dims: ParallelDims,
                    batch: PackedBatch) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Shapes/dtypes of what one pipeline stage sends the next: (h, *U-Net skips padded to capacity)."""
     noisy, t, _ = Objective(cfg.diffusion, cfg.train.seed).inputs(batch, 0, 0)
-    bf16 = cfg.train.dtype == "bf16"
-    sharded_bf16 = bf16 and dims.dp > 1
-    with torch.no_grad(), (torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+    with torch.no_grad():
         h, skips = model.embed(batch.tokens, batch.is_image, noisy, t)
+    # bf16 runs compute in bf16 parameters in every layout (parallel.parallelize.wraps_fsdp).
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
     B, S, d = h.shape
-    spec = [((B, S // dims.tp, d), torch.bfloat16 if sharded_bf16 else h.dtype)]
     cap = image_capacity(cfg)
-    for s in skips:
-        spec.append(((cap, *s.shape[1:]), torch.bfloat16 if sharded_bf16 else s.dtype))
-    return spec
+    return [((B, S // dims.tp, d), dtype)] + [((cap, *s.shape[1:]), dtype) for s in skips]
 
 
 def _actions(schedule: Any, n: int, pp: int, pp_rank: int) -> list:

@@ -24,6 +24,7 @@ from model.flops import step_model_flops
 from parallel.dims import DistEnv, ParallelDims, init_distributed, resolve_device
 from parallel.engine import NonFiniteUpdate, StepResult, TrainingEngine
 from parallel.engines import build_engine
+from parallel.parallelize import wraps_fsdp
 
 from .checkpoint import CheckpointManager, UnsafeToSave
 from .data import build_loader
@@ -40,11 +41,19 @@ log = logging.getLogger("trainer")
 
 def make_engine(cfg: Config, env: DistEnv | None = None) -> TrainingEngine:
     """The configured engine over a freshly initialised model (one process when `env` is None)."""
-    env = env or DistEnv(ParallelDims(), None, resolve_device(cfg.train.device), 0, 0)
+    env = env or process_env(cfg)
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta") if cfg.parallel.meta_init else contextlib.nullcontext():
         model = TransfusionModel(cfg.model, cfg.train.seed)
     return build_engine(model, cfg, env, AdamWCosine(cfg.optim, cfg.train.steps))
+
+
+def process_env(cfg: Config) -> DistEnv:
+    """This process's share of the layout: device, process group and mesh. One process gets a
+    one-rank group only where the torch engine wraps it in FSDP2 (bf16)."""
+    dims = ParallelDims.from_config(cfg.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1"))))
+    one_rank_mesh = cfg.parallel.engine == "torch" and wraps_fsdp(dims, cfg.train.dtype)
+    return init_distributed(dims, cfg.train.device, one_rank_mesh=one_rank_mesh)
 
 
 def train(cfg: Config) -> list[dict[str, float]]:
@@ -55,7 +64,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
     finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
     """
     cfg.parallel = cfg.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
-    env = init_distributed(ParallelDims.from_config(cfg.parallel), cfg.train.device)
+    env = process_env(cfg)
     engine = make_engine(cfg, env)
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
     # Steps of micro-batches built ahead in a thread; it stands for the loader in checkpoints (consumed position).
