@@ -40,13 +40,18 @@ def global_batches(cfg: Config, dp: int) -> list[list]:
     return [[next(loader) for _ in range(n)] for _ in range(cfg.train.steps)]
 
 
+def rank_steps(engine, cfg: Config, env=None) -> list:
+    """Every step of `cfg.train.steps` on this rank's slice of the global batches (StepResults)."""
+    dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
+    per_rank = cfg.train.grad_accum
+    return [engine.train_step(batches[dp_rank * per_rank : (dp_rank + 1) * per_rank], step)
+            for step, batches in enumerate(global_batches(cfg, dp))]
+
+
 def run_training(cfg: Config, env=None) -> dict:
     """Train on this rank's slice of the global batches; per-step losses and grad norms, full params."""
     engine = make_engine(cfg, env)
-    dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
-    per_rank = cfg.train.grad_accum
-    results = [engine.train_step(batches[dp_rank * per_rank : (dp_rank + 1) * per_rank], step)
-               for step, batches in enumerate(global_batches(cfg, dp))]
+    results = rank_steps(engine, cfg, env)
     sd = engine.full_state_dict()  # DeepSpeed gathers ZeRO-3 partitions; a pipeline rank gets its stages
     return {
         "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results],

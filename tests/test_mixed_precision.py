@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.checkpoint_worker import train_with_checkpoints
-from tests.parallel_worker import global_batches, merged, spawn_jobs
+from tests.parallel_worker import merged, rank_steps, spawn_jobs
 from trainer.train import make_engine
 
 LOSS_RTOL = 1e-3
@@ -41,9 +41,7 @@ def bf16_training(cfg, env) -> dict:
     for part in engine.parts:
         for name, block in part.layers.items():
             block.register_forward_hook(lambda _m, args, out, name=name: record(name, args, out))
-    dp, per_rank = env.dims.dp, cfg.train.grad_accum
-    losses = [engine.train_step(batches[env.dp_rank * per_rank:(env.dp_rank + 1) * per_rank], step).loss
-              for step, batches in enumerate(global_batches(cfg, dp))]
+    losses = [r.loss for r in rank_steps(engine, cfg, env)]
     state = [t for s in engine.optimizer.state.values() for t in s.values() if t.dim() > 0]
     return {"losses": losses, "blocks": seen, "master": sorted({str(p.dtype) for p in engine.parts[0].parameters()}),
             "optimizer_state": sorted({str(t.dtype) for t in state})}
