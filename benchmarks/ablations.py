@@ -182,6 +182,7 @@ def run_variant(variant: str, paths: dict, out: Path, steps: int, s: Settings) -
     ev = evaluate(run, paths["data"], run / "eval", settings)
     text = heldout_lm_loss(run / "eval" / "model", paths["heldout"], s.heldout_docs)
     metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    metrics = [r for r in metrics if "lm_loss" in r]  # training windows (a step may have only an eval/ line)
     return {"variant": variant, "steps": steps, "caption_to_image": ev["caption_to_image"]["accuracy"],
             "image_to_caption": ev["image_to_caption"]["accuracy"], "heldout_lm_loss": text["loss"],
             "heldout_tokens": text["tokens"], "final_train_lm_loss": metrics[-1]["lm_loss"] if metrics else None,

@@ -174,8 +174,9 @@ def training(out: Path, steps: int, smoke: bool, extra: list[str]) -> dict[str, 
 
 def steady_state(metrics: Path, skip: int) -> dict[str, Any]:
     """Time-weighted means of the logged windows that start after `skip` steps (metrics.jsonl lines
-    summarise the steps since the previous line: trainer/metrics.py window_summary)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summarise the steps since the previous line: trainer/metrics.py window_summary; eval/ lines are
+    not training windows)."""
+    rows = [r for line in metrics.read_text().splitlines() if line.strip() and "step_s" in (r := json.loads(line))]
     picked, prev = [], 0
     for r in rows:
         if prev >= skip:

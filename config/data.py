@@ -63,21 +63,7 @@ class DataConfig:
                 "reads images from image_tokens shards: set data.source=streaming with a stream of kind image_tokens")
         if self.source == "streaming":
             require(bool(self.streams), "data.source=streaming needs at least one entry in data.streams")
-            for i, st in enumerate(self.streams):
-                require(st.proportion > 0, f"data.streams[{i}].proportion must be positive, got {st.proportion}")
-                want = {"image": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
-                require(want == m.image_representation, f"data.streams[{i}] is a {st.kind} stream, which needs "
-                        f"model.image_representation={want} (got {m.image_representation})")
-                if st.kind == "megatron":
-                    require(bool(st.tokenizer), f"data.streams[{i}].tokenizer: name what the Megatron corpus "
-                            f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
-                    require(st.remote is None, f"data.streams[{i}]: Megatron corpora are read in place, not "
-                            "streamed (remote); convert it with `python -m data_prep.megatron_convert to-mds`")
-                    require(not (st.eod == "legacy" and st.add_eos), f"data.streams[{i}].eod: legacy reads each "
-                            "document's EOD as EOS, so add_eos: true would add a second one; set add_eos: false")
-                else:
-                    require(st.eod == "eos", f"data.streams[{i}].eod: {st.eod} is for kind: megatron streams "
-                            f"(this one is {st.kind})")
+            validate_streams(self.streams, "data.streams", m)
             require(
                 self.max_caption_tokens + m.patches_per_image + 4 <= seq_len,
                 f"an image document (data.max_caption_tokens={self.max_caption_tokens} + "
@@ -91,6 +77,25 @@ class DataConfig:
         require(self.prefetch >= 0, f"data.prefetch must be >= 0 (steps built ahead; 0: off), got {self.prefetch}")
 
 
+def validate_streams(streams: list[StreamConfig], key: str, m: ModelConfig) -> None:
+    """Checks of each stream under `key` (data.streams, eval.streams) against the model config."""
+    for i, st in enumerate(streams):
+        require(st.proportion > 0, f"{key}[{i}].proportion must be positive, got {st.proportion}")
+        want = {"image": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
+        require(want == m.image_representation, f"{key}[{i}] is a {st.kind} stream, which needs "
+                f"model.image_representation={want} (got {m.image_representation})")
+        if st.kind == "megatron":
+            require(bool(st.tokenizer), f"{key}[{i}].tokenizer: name what the Megatron corpus "
+                    f"'{st.path}' was tokenized with (e.g. the tokenizer model's path), so runs record it")
+            require(st.remote is None, f"{key}[{i}]: Megatron corpora are read in place, not "
+                    "streamed (remote); convert it with `python -m data_prep.megatron_convert to-mds`")
+            require(not (st.eod == "legacy" and st.add_eos), f"{key}[{i}].eod: legacy reads each "
+                    "document's EOD as EOS, so add_eos: true would add a second one; set add_eos: false")
+        else:
+            require(st.eod == "eos", f"{key}[{i}].eod: {st.eod} is for kind: megatron streams "
+                    f"(this one is {st.kind})")
+
+
 # How each kind of stream is prepared (named in the error when its shards are missing).
 PREPARE_COMMAND = {
     "image": "python -m data_prep.encode_latents --input IMAGES --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
@@ -99,19 +104,20 @@ PREPARE_COMMAND = {
 }
 
 
-def check_stream_shards(data: DataConfig) -> None:
-    """Refuse local streams whose shard index is missing, before a model or GPU is touched.
+def check_stream_shards(streams: list[StreamConfig], key: str = "data.streams") -> None:
+    """Refuse local streams (under config key `key`) whose shard index is missing, before a model or
+    GPU is touched.
 
     Remote streams (`remote:` set) are not checked: that would need the network, and `path` is
     only their cache folder.
     """
-    for i, st in enumerate(data.streams):
+    for i, st in enumerate(streams):
         if st.remote is not None:
             continue
         if st.kind == "megatron":
             missing = [f"{st.path}{ext}" for ext in (".bin", ".idx") if not Path(f"{st.path}{ext}").is_file()]
             if missing:
-                raise ConfigError(f"data.streams[{i}] (Megatron corpus): {' and '.join(missing)} missing; "
+                raise ConfigError(f"{key}[{i}] (Megatron corpus): {' and '.join(missing)} missing; "
                                   "`path` is the prefix given to Megatron-LM's --data-path")
             continue
         root = Path(st.path)
@@ -122,7 +128,8 @@ def check_stream_shards(data: DataConfig) -> None:
             hint = f"merge the workers' parts with `python -m data_prep.merge_index {root}`"
         else:
             hint = f"prepare it with `{PREPARE_COMMAND[st.kind].format(out=root)}`"
+        off = " (or turn evaluation off: eval.every=0)" if key.startswith("eval.") else ""
         raise ConfigError(
-            f"data.streams[{i}] ({st.kind} stream) has no shards: {index.absolute()} does not exist; "
-            f"{hint}, or fix the path"
+            f"{key}[{i}] ({st.kind} stream) has no shards: {index.absolute()} does not exist; "
+            f"{hint}, or fix the path{off}"
         )

@@ -12,6 +12,7 @@ import yaml
 
 from .base import ConfigError, apply_overrides, from_dict, require, to_dict
 from .data import DataConfig, check_stream_shards
+from .evaluation import EvalConfig
 from .model import DiffusionConfig, ModelConfig
 from .parallel import ParallelConfig
 from .training import CheckpointConfig, LoggingConfig, OptimConfig, TrainSection
@@ -26,6 +27,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -60,8 +62,11 @@ class Config:
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")
         require(self.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
         require(self.checkpoint.max_bad_steps >= 1, "checkpoint.max_bad_steps must be >= 1")
+        self.eval.validate(d, m, self.diffusion.num_timesteps)
         if d.source == "streaming":  # last: a config with a typo fails on the typo, not on the data
-            check_stream_shards(d)
+            check_stream_shards(d.streams)
+            if self.eval.enabled:
+                check_stream_shards(self.eval.streams, "eval.streams")
 
     @property
     def output_dir(self) -> Path:
@@ -80,18 +85,23 @@ def expand_env(data: dict[str, Any], label: str) -> dict[str, Any]:
 
     Where clusters keep data differs per site, so configs say e.g. `path: ${DATA_ROOT}/images`.
     An unset (or empty) variable is a one-line ConfigError naming `label` (the config file), the
-    key and the variable. `data.streams` is left as written unless data.source is streaming, so
+    key and the variable. Streams that are not read are left as written: `data.streams` and
+    `eval.streams` unless data.source is streaming, `eval.streams` also with eval.every=0, so
     `data.source=synthetic` runs without the variables of the shard paths.
     """
-    section = data.get("data")
+    section, evaluation = data.get("data"), data.get("eval")
     source = section.get("source", DataConfig.source) if isinstance(section, dict) else DataConfig.source
+    every = evaluation.get("every", EvalConfig.every) if isinstance(evaluation, dict) else EvalConfig.every
+    unread = {"data.streams"} if source != "streaming" else set()
+    if source != "streaming" or (isinstance(every, int) and every <= 0):
+        unread.add("eval.streams")
 
     def expand(node: Any, key: str) -> Any:
         if isinstance(node, dict):
             out = {}
             for k, v in node.items():
                 sub = f"{key}.{k}" if key else str(k)
-                out[k] = v if sub == "data.streams" and source != "streaming" else expand(v, sub)
+                out[k] = v if sub in unread else expand(v, sub)
             return out
         if isinstance(node, list):
             return [expand(v, f"{key}[{i}]") for i, v in enumerate(node)]
@@ -109,7 +119,7 @@ def _env_value(name: str, key: str, label: str) -> str:
     if value:
         return value
     state = "is empty" if name in os.environ else "is not set"
-    if key.startswith("data.streams"):
+    if key.startswith(("data.streams", "eval.streams")):
         hint = f"export {name}=/path/to/shards (see slurm/pretrain_7b.sh)"
     else:
         hint = f"export {name}=... or override {key}=..."

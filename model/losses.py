@@ -74,6 +74,11 @@ def lm_loss_sum(out: ModelOutput, text_targets: torch.Tensor, chunk: int = LM_CH
     return chunked_head_ce(out.hidden, out.head.weight, text_targets, chunk)
 
 
+def per_image_mse(noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Each image's epsilon MSE [N_img] (fp32) of predicted noise against the true noise [N_img, C, h, w]."""
+    return (noise_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+
 def transfusion_loss(
     out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor, loss_weight: float,
     norm: LossNorm | None = None, lm_loss: LmLossSum = lm_loss_sum,
@@ -86,8 +91,7 @@ def transfusion_loss(
     n_text = int((text_targets != IGNORE_INDEX).sum())
     lm = lm_loss(out, text_targets, LM_CHUNK_ROWS) / max(n_text, 1)
     if noise.shape[0] > 0:
-        per_image = (out.noise_pred.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N_img]
-        diffusion = per_image.mean()
+        diffusion = per_image_mse(out.noise_pred, noise).mean()
     else:
         diffusion = out.noise_pred.sum() * 0.0
     if norm is not None:

@@ -201,10 +201,15 @@ class DeepSpeedEngine(TrainingEngine):
         backward = lambda loss: self.ds.backward(loss * n)  # noqa: E731
         totals = torch.zeros(3, device=self.device)
         for micro, batch in enumerate(batches):
-            totals += self.micro_batch(self.ds, batch, step, micro, n, norm, hooks, backward)
+            totals += self.micro_batch(self.forward_model, batch, step, micro, n, norm, hooks, backward)
             if micro < n - 1:
                 self.ds.step()  # accumulation bookkeeping only; the boundary step is optimizer_step's
         return totals
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """The DeepSpeedEngine: its forward runs ZeRO's parameter gathering hooks."""
+        return self.ds
 
     def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
         hooks.phase("optimizer")

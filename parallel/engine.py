@@ -7,6 +7,7 @@ offers (docs/architecture.md §5.4):
   optimizer step      `optimizer_step(finite_loss, hooks)`: clip, step, or skip a non-finite update
   checkpoint state    `save(folder)` / `load(folder)` of model + optimizer in the engine's own format
   full weights        `full_state_dict()` (online; offline reading is trainer/checkpoint_weights.py)
+  held-out forward    `evaluate(batches, stats)`: forward only, fixed noise, summed statistics
 `train_step` composes the first two with the loss normalisation and the cross-rank reductions: it
 is the one training step, run by the trainer and, under fake tensors, by the planner, which watches
 its phases through `StepHooks`.
@@ -33,6 +34,7 @@ import torch.nn as nn
 
 from config import Config
 from model import LossNorm, LossOutput, Objective, PackedBatch
+from model.heldout import HeldoutBatch, HeldoutStats
 from model.losses import LmLossSum, lm_loss_sum
 
 from .dims import DistEnv
@@ -188,6 +190,40 @@ class TrainingEngine(abc.ABC):
     def global_micro(self, micro: int) -> int:
         """The index of this rank's micro-batch `micro` among the whole step's (seeds its noise)."""
         return self.env.dp_rank * self.grad_accum + micro
+
+    # ---- held-out evaluation --------------------------------------------------------------------
+    def evaluate(self, batches: list[HeldoutBatch], stats: HeldoutStats) -> torch.Tensor:
+        """Forward only over this rank's held-out micro-batches (grad_accum of them, as in a step):
+        `stats` summed over them and over every rank [stats.size]. Touches no weight, optimizer state
+        or training random generator: noise and timesteps come with the batches."""
+        batches = [b.to(self.device) for b in batches]
+        for part in self.parts:
+            part.eval()
+        with torch.no_grad(), self.loss_context():
+            sums = self.heldout_sums(batches, stats)
+        if self.env.dims.dp > 1:
+            dist.all_reduce(sums, group=self.env.group("dp"))
+        return sums
+
+    def heldout_sums(self, batches: list[HeldoutBatch], stats: HeldoutStats) -> torch.Tensor:
+        """This rank's `stats` over `batches` through `forward_model`, under the training autocast."""
+        sums = torch.zeros(stats.size, dtype=torch.float64, device=self.device)
+        for hb in batches:
+            b = hb.batch
+            with self.autocast():
+                noisy = self.objective.schedule.q_sample(b.latents, hb.timesteps, hb.noise)
+                out = self.forward_model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, hb.timesteps)
+                sums += stats(out, hb.targets, hb.noise, hb.timesteps, self.objective.lm_loss)
+        return sums
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What a forward that is not pipelined calls: the model as the layout wrapped it."""
+        return self.parts[0]
+
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Entered around forward and backward (and a held-out forward); a layout may need one."""
+        return contextlib.nullcontext()
 
     # ---- checkpoint state -----------------------------------------------------------------------
     @abc.abstractmethod

@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from config import Config
 from model import LossNorm, ModelOutput, PackedBatch
+from model.heldout import HeldoutBatch, HeldoutStats
 from model.losses import lm_loss_sum
 
 from .dims import DistEnv
@@ -78,6 +79,7 @@ class TorchEngine(TrainingEngine):
         super().__init__(cfg, env, vocab_parallel_lm_loss_sum if env.dims.tp > 1 else lm_loss_sum)
         self._pp_losses: list[torch.Tensor] = []
         self._norm: LossNorm | None = None  # this step's loss denominators, read by the pipeline's loss
+        self._heldout: tuple[HeldoutStats, torch.Tensor] | None = None  # a held-out forward's stats and sums
         self._loss_fn = _under(self.autocast, self.pipeline_loss)  # the pipeline schedule's loss
         self.pm = parallelize(model, env, cfg.parallel, cfg.train.dtype, cfg.train.grad_accum, image_capacity(cfg),
                               self._loss_fn)
@@ -131,13 +133,42 @@ class TorchEngine(TrainingEngine):
 
     def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
         """The last stage's loss (`objective.loss` and `scaled`, as in the plain path): the stage returns
-        (final-normed hidden, noise_pred, noise); the LM head is read at text-target positions only."""
+        (final-normed hidden, noise_pred, noise); the LM head is read at text-target positions only.
+        In a held-out forward the target is (targets by kind, timesteps) and the stats are summed instead."""
         hidden, noise_pred, noise = outputs
         head = next(part.output for part in self.parts if part.is_last)
+        if self._heldout is not None:
+            stats, sums = self._heldout
+            targets, timesteps = text_targets
+            sums += stats(ModelOutput(noise_pred, hidden, head), targets, noise, timesteps, self.objective.lm_loss)
+            return hidden.new_zeros(())  # nothing back-propagates from a held-out forward
         loss, terms = self.scaled(self.objective.loss(ModelOutput(noise_pred, hidden, head), text_targets, noise,
                                                       self._norm))
         self._pp_losses.append(terms)
         return loss  # summed over micro-batches (scale_grads=False)
+
+    def heldout_sums(self, batches: list[HeldoutBatch], stats: HeldoutStats) -> torch.Tensor:
+        """Pipelined, torch's forward-only schedule (`eval`) runs the stages and the last one sums
+        the stats (`pipeline_loss`); shared with the other stages like the training losses."""
+        if self.pm.schedule is None:
+            return super().heldout_sums(batches, stats)
+        kwarg_mbs = [{"position_ids": hb.batch.position_ids, "kv_lo": hb.batch.kv_lo, "kv_hi": hb.batch.kv_hi,
+                      "is_image": hb.batch.is_image, "timesteps": hb.timesteps, "noise": hb.noise,
+                      "noisy_latents": self.objective.schedule.q_sample(hb.batch.latents, hb.timesteps, hb.noise)}
+                     for hb in batches]
+        first = any(part.is_first for part in self.parts)
+        self._heldout = stats, torch.zeros(stats.size, dtype=torch.float64, device=self.device)
+        try:
+            self.pm.schedule.eval(arg_mbs=[(hb.batch.tokens,) for hb in batches] if first else None,
+                                  kwarg_mbs=kwarg_mbs,
+                                  target_mbs=[(hb.targets, hb.timesteps) for hb in batches]
+                                  if self.pm.has_last_stage else None,
+                                  return_outputs=False)
+            sums = self._heldout[1]
+        finally:
+            self._heldout = None
+        dist.all_reduce(sums, group=self.env.group("pp"))
+        return sums
 
     def optimizer_step(self, finite_loss: bool, hooks: StepHooks = NO_HOOKS) -> tuple[float, bool]:
         pp_group = self.env.group("pp") if self.env.dims.pp > 1 else None

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -49,6 +50,8 @@ class LayoutReport:
     mfu: float = 0.0
     time_split: dict = field(default_factory=dict)
     model_flops_per_step: float = 0.0
+    eval_s: float = 0.0  # one held-out evaluation (eval.every > 0): forward-only roofline, no communication
+    eval_overhead: float = 0.0  # eval_s / (eval.every x step_s)
     error: str = ""
 
 
@@ -104,6 +107,8 @@ def _rank_summary(r: RankResult, gpu: GPU) -> tuple[dict, float, float, dict[str
                           "recompute": round(recompute / 1e12, 2)},
         "attention_tflops": {k: round(v / 1e12, 2) for k, v in att.items()},
         "model_tflops_last_micro": round(_measured_model_flops(r) / 1e12, 3),
+        # the step's forward (all micro-batches, no recompute): what a held-out evaluation step costs
+        "forward_s": round(ph["forward"].time_s + accum * ph["forward_accum"].time_s + att["kernel_fwd"] / gpu.bf16_flops, 6),
         "analytic_tflops_last_micro": round(sum(r.analytic.values()) / 1e12, 3),
         "collective_gib": {d: {k: round(v / GiB, 3) for k, v in kinds.items()} for d, kinds in comm_bytes.items()},
         "clip_collectives": clip_calls, "clip_s": round(clip_s, 6),
@@ -149,6 +154,9 @@ def plan_layout(cfg: Config, world_size: int, gpu: GPU, jobs: int = 1) -> Layout
     tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * dp
     report.tokens_per_s_per_gpu = tokens / st.total_s / world_size
     report.mfu = report.model_flops_per_step / world_size / st.total_s / gpu.bf16_flops
+    if cfg.eval.enabled:
+        report.eval_s = eval_seconds(cfg, max(r["forward_s"] for r in report.ranks))
+        report.eval_overhead = report.eval_s / (cfg.eval.every * st.total_s)
     limit = usable_bytes(gpu)
     if worst > limit:
         comp, size = max(worst_split.items(), key=lambda kv: kv[1])
@@ -157,6 +165,16 @@ def plan_layout(cfg: Config, world_size: int, gpu: GPU, jobs: int = 1) -> Layout
                          f"({gpu.hbm_bytes / 1e9:.0f} GB - {RESERVED_BYTES / GiB:.0f} GiB reserved, "
                          f"/ {1 + FRAGMENTATION:.2f} fragmentation); largest part: {comp} {size / GiB:.1f} GiB")
     return report
+
+
+def eval_seconds(cfg: Config, forward_s: float) -> float:
+    """One held-out evaluation (trainer/evaluation.py): eval.rows dealt in steps of dp x grad_accum x
+    batch_size rows, each a forward of the slowest rank (`forward_s`, the training step's forward),
+    pipelined with the forward-only schedule's fill and drain."""
+    p, t = cfg.parallel, cfg.train
+    steps = math.ceil(cfg.eval.rows / (p.dp_replicate * p.dp_shard * t.grad_accum * t.batch_size))
+    bubble = (t.grad_accum + p.pp - 1) / t.grad_accum if p.pp > 1 else 1.0
+    return steps * forward_s * bubble
 
 
 def sweep_layouts(cfg: Config, world: int, tps: list[int], pps: list[int], acs: list[str],
@@ -245,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"assumptions: {OVERLAP_NOTE}; fits = peak x {1 + FRAGMENTATION:.2f} + {RESERVED_BYTES / GiB:.0f} GiB "
           f"<= {gpu.hbm_bytes / 1e9:.0f} GB")
     if not args.sweep:
-        print(json.dumps(dataclasses.asdict(reports[0]), indent=1))
+        r = reports[0]
+        if r.eval_s:
+            print(f"held-out evaluation (eval.every={base.eval.every}, eval.rows={base.eval.rows}): {r.eval_s:.2f} s "
+                  f"each, {r.eval_overhead:.3%} of training time (forward-only roofline, communication not counted)")
+        print(json.dumps(dataclasses.asdict(r), indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": dataclasses.asdict(gpu), "world_size": args.world, "assumptions": OVERLAP_NOTE,

@@ -30,7 +30,7 @@ def tiny_cfg(tmp_path):
     return load_config(
         REPO / "configs" / "tiny.yaml",
         ["logging.wandb=disabled", f"train.output_dir={tmp_path / 'run'}", "checkpoint.enabled=false",
-         "data.source=synthetic"],
+         "data.source=synthetic", "eval.every=0"],
     )
 
 

@@ -33,7 +33,7 @@ def tiny_run_config(out: Path, seq_len: int, *overrides: str) -> Any:
 
     return load_config(REPO / "configs" / "tiny.yaml", [
         "logging.wandb=disabled", f"train.output_dir={out}", f"model.max_seq_len={seq_len}",
-        f"train.seq_len={seq_len}", *overrides])
+        f"train.seq_len={seq_len}", "eval.every=0", *overrides])
 
 
 def save_checkpoint(out: Path, step: int, cfg: Any, state: dict[str, Any]) -> Path:
@@ -165,7 +165,7 @@ def write_shards(root: Path, n_images: int = 60, n_texts: int = 80, seed: int = 
 def streaming_overrides(root: Path, *extra: str) -> list[str]:
     """Config overrides that train on write_shards' images/ and text/ under `root`, 1:1, then `extra`."""
     return [
-        "data.source=streaming", "logging.wandb=disabled",
+        "data.source=streaming", "logging.wandb=disabled", "eval.every=0",
         f"data.streams=[{{path: {root / 'images'}, kind: image, proportion: 1}}, "
         f"{{path: {root / 'text'}, kind: text, proportion: 1}}]",
         *extra,

@@ -8,13 +8,15 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from config import Config, load_config
 from trainer.data import build_loader
-from trainer.train import make_engine
+from trainer.evaluation import Evaluator
+from trainer.train import make_engine, process_env
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model that still has GQA, several layers for pipeline stages, and images in every row.
@@ -26,6 +28,7 @@ BASE = [
     # noise into visible parameter differences; 1e-6 keeps the comparison about the layouts.
     "optim.eps=1e-6",
     "checkpoint.enabled=false", "data.source=synthetic", "data.text_fraction=0.4", "train.device=cpu",
+    "eval.every=0", "eval.rows=8",  # run_training evaluates itself: one held-out forward step at dp x grad_accum x batch_size = 8 rows
 ]
 
 
@@ -40,23 +43,42 @@ def global_batches(cfg: Config, dp: int) -> list[list]:
     return [[next(loader) for _ in range(n)] for _ in range(cfg.train.steps)]
 
 
-def rank_steps(engine, cfg: Config, env=None) -> list:
-    """Every step of `cfg.train.steps` on this rank's slice of the global batches (StepResults)."""
+def rank_steps(engine, cfg: Config, env=None, after_step: Callable[[int], None] = lambda step: None) -> list:
+    """Every step of `cfg.train.steps` on this rank's slice of the global batches (StepResults);
+    `after_step(n)` runs after the n-th."""
     dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
     per_rank = cfg.train.grad_accum
-    return [engine.train_step(batches[dp_rank * per_rank : (dp_rank + 1) * per_rank], step)
-            for step, batches in enumerate(global_batches(cfg, dp))]
+    results = []
+    for step, batches in enumerate(global_batches(cfg, dp)):
+        results.append(engine.train_step(batches[dp_rank * per_rank : (dp_rank + 1) * per_rank], step))
+        after_step(step + 1)
+    return results
 
 
 def run_training(cfg: Config, env=None) -> dict:
-    """Train on this rank's slice of the global batches; per-step losses and grad norms, full params."""
-    engine = make_engine(cfg, env)
-    results = rank_steps(engine, cfg, env)
+    """Train on this rank's slice of the global batches, evaluating on the held-out set after the first
+    and the last step; per-step losses and grad norms, the evaluations' metrics, full params."""
+    env = env or process_env(cfg)
+    engine, evaluator, evals = make_engine(cfg, env), Evaluator(cfg, env), []
+
+    def evaluate(step: int) -> None:
+        if step in (1, cfg.train.steps):
+            evals.append({k: v for k, v in evaluator.run(engine).items() if k != "eval/seconds"})
+
+    results = rank_steps(engine, cfg, env, evaluate)
     sd = engine.full_state_dict()  # DeepSpeed gathers ZeRO-3 partitions; a pipeline rank gets its stages
     return {
-        "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results],
+        "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "evals": evals,
         "params": {k: v.detach().cpu().clone() for k, v in sd.items()},
     }
+
+
+def assert_same_evals(got: list[dict], want: list[dict], rel: float, who: str) -> None:
+    """Held-out metrics (after the first and the last step) equal the one-process ones, key for key."""
+    assert len(got) == len(want) == 2 and all(w.keys() == g.keys() for w, g in zip(want, got)), who
+    assert want[0]["eval/diffusion_loss"] > 0 and want[0]["eval/caption_lm_loss"] > 0  # both measured
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=rel), f"{who} held-out metrics"
 
 
 def initial_weights(cfg: Config, env=None) -> dict:

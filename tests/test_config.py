@@ -18,9 +18,10 @@ PAPER = ["160m", "760m", "1.4b", "7b"]
 
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory):
-    """A tiny real shard set laid out like DATA_ROOT: images/ and text/, each with its index.json."""
+    """A tiny real shard set laid out like DATA_ROOT: images/ and text/ and their held-out split heldout/."""
     root = tmp_path_factory.mktemp("data_root")
     write_shards(root, n_images=4, n_texts=4)
+    write_shards(root / "heldout", n_images=2, n_texts=2, seed=1)
     return root
 
 
@@ -35,7 +36,7 @@ def test_every_config_loads(path, data_root, tmp_path, monkeypatch):
     # tiny.yaml reads the embedded default's shards relative to the working directory.
     shards = tmp_path / "outputs" / "embedded_default" / "shards"
     shards.mkdir(parents=True)
-    for kind in ("images", "text"):
+    for kind in ("images", "text", "heldout"):
         (shards / kind).symlink_to(data_root / kind)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
@@ -43,6 +44,8 @@ def test_every_config_loads(path, data_root, tmp_path, monkeypatch):
     assert cfg.data.source == "streaming"
     if path.stem in PAPER:
         assert [s.path for s in cfg.data.streams] == [f"{data_root}/images", f"{data_root}/text"]
+    assert cfg.eval.enabled and [s.path.split("/")[-2:] for s in cfg.eval.streams] == [["heldout", "images"],
+                                                                                       ["heldout", "text"]]
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -74,8 +77,11 @@ def test_synthetic_stays_an_explicit_choice_without_data_root(monkeypatch):
     monkeypatch.delenv("DATA_ROOT", raising=False)
     cfg = load_config(REPO / "configs" / "7b.yaml", ["data.source=synthetic"])
     assert cfg.data.source == "synthetic"
-    # An override that replaces the streams needs no variable either.
+    # An override that replaces the streams needs no variable either, once the held-out streams are
+    # replaced too or evaluation is off.
     with pytest.raises(ConfigError, match="data.streams\\[0\\] \\(image stream\\) has no shards"):
+        load_config(REPO / "configs" / "7b.yaml", ["data.streams=[{path: /nowhere/img, kind: image}]", "eval.every=0"])
+    with pytest.raises(ConfigError, match=r"eval.streams\[0\].path uses \$\{DATA_ROOT\}, which is not set"):
         load_config(REPO / "configs" / "7b.yaml", ["data.streams=[{path: /nowhere/img, kind: image}]"])
 
 
@@ -102,7 +108,7 @@ def test_missing_shards_name_the_stream_path_and_command(tmp_path, monkeypatch):
 
 def test_remote_streams_are_not_checked(tmp_path):
     cfg = load_config(REPO / "configs" / "7b.yaml", [
-        f"data.streams=[{{path: {tmp_path / 'cache'}, remote: 's3://bucket/images', kind: image}}]"])
+        f"data.streams=[{{path: {tmp_path / 'cache'}, remote: 's3://bucket/images', kind: image}}]", "eval.every=0"])
     assert cfg.data.streams[0].remote == "s3://bucket/images"
 
 

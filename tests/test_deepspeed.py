@@ -18,7 +18,7 @@ import json
 import pytest
 import torch
 
-from tests.parallel_worker import global_batches, layout_config, run_training, spawn_jobs
+from tests.parallel_worker import assert_same_evals, global_batches, layout_config, run_training, spawn_jobs
 from parallel.engine import NonFiniteUpdate
 from trainer.train import make_engine
 
@@ -98,6 +98,7 @@ def test_deepspeed_matches_single_process(name, results_dir):
     for r, res in enumerate(ranks):
         assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
         assert res["grad_norms"] == pytest.approx(ref_norms, rel=GRAD_NORM_RTOL), f"rank {r} grad norms"
+        assert_same_evals(res["evals"], ref["evals"], LOSS_RTOL, f"rank {r}")
         assert res["params"].keys() == ref_params.keys()
         for key, want in ref_params.items():
             torch.testing.assert_close(res["params"][key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=key)

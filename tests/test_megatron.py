@@ -55,7 +55,7 @@ def data(tmp_path_factory):
 
 def overrides(root, *extra, add_eos=False):
     return [
-        "data.source=streaming", "logging.wandb=disabled", "train.seq_len=128", "model.max_seq_len=128",
+        "data.source=streaming", "logging.wandb=disabled", "eval.every=0", "train.seq_len=128", "model.max_seq_len=128",
         f"data.streams=[{{path: {root / 'images'}, kind: image, proportion: 1}}, "
         f"{{path: {root / 'corpus' / 'text_document'}, kind: megatron, proportion: 1, tokenizer: test-bpe-2000, "
         f"add_eos: {str(add_eos).lower()}}}]",
@@ -172,7 +172,7 @@ def test_mds_to_megatron_to_mds_round_trip_is_identical(tmp_path):
 def test_bad_corpora_get_one_line_errors(data, tmp_path):
     root, _ = data
     cfg_for = lambda prefix: load_config(REPO / "configs" / "tiny.yaml", [  # noqa: E731
-        "data.source=streaming", "logging.wandb=disabled",
+        "data.source=streaming", "logging.wandb=disabled", "eval.every=0",
         f"data.streams=[{{path: {prefix}, kind: megatron, tokenizer: t}}]"])
     oov = tmp_path / "oov"
     build_corpus(oov, [[5, 6], [7, 2500]])
@@ -255,7 +255,7 @@ def legacy(tmp_path_factory):
 
 def legacy_config(prefix, v, *extra, stream_extra=""):
     return load_config(REPO / "configs" / "tiny.yaml", [
-        "data.source=streaming", "logging.wandb=disabled", "data.shuffle=false", f"model.vocab_size={v}",
+        "data.source=streaming", "logging.wandb=disabled", "eval.every=0", "data.shuffle=false", f"model.vocab_size={v}",
         f"data.streams=[{{path: {prefix}, kind: megatron, tokenizer: legacy-sp{stream_extra}}}]", *extra])
 
 
@@ -311,7 +311,7 @@ def tokens_model(*extra):
 def test_megatron_ids_in_the_image_code_range_are_refused(tmp_path):
     inside = tmp_path / "inside"
     build_corpus(inside, [[5, 6], [7, 1995]])  # < vocab_size, but an image code
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.source=streaming", "logging.wandb=disabled",
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.source=streaming", "logging.wandb=disabled", "eval.every=0",
                       f"data.streams=[{{path: {inside}, kind: megatron, tokenizer: t}}]", *tokens_model()])
     with pytest.raises(ConfigError, match=rf"Megatron corpus '{inside}' holds token id 1995 but text ids lie below "
                                           r"model.image_token_offset=1990"):
@@ -328,7 +328,7 @@ def test_text_shard_ids_in_the_image_code_range_are_refused(tmp_path):
         for i, body in enumerate([[5, 6], [7, 1999]]):
             w.write({"key": f"t{i}", "tokens": np.array([BOS, *body, EOS], dtype=np.int32)})
     text_cfg = lambda: load_config(REPO / "configs" / "tiny.yaml", [  # noqa: E731
-        "data.source=streaming", "logging.wandb=disabled", "data.shuffle=false",
+        "data.source=streaming", "logging.wandb=disabled", "eval.every=0", "data.shuffle=false",
         f"data.streams=[{{path: {shards}, kind: text}}]", *tokens_model()])
     (shards / "dataset_info.json").write_text('{"vocab_size": 2000}')
     with pytest.raises(ConfigError, match=rf"data stream '{shards}' uses a vocabulary of 2000 ids but text ids lie "
@@ -348,7 +348,7 @@ def test_refusals_are_one_line_without_megatron_core_import_noise(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = subprocess.run(
         [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny.yaml"), "train.device=cpu",
-         "data.source=streaming", "logging.wandb=disabled",
+         "data.source=streaming", "logging.wandb=disabled", "eval.every=0",
          f"data.streams=[{{path: {oov}, kind: megatron, tokenizer: t}}]"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert train.returncode == 2 and train.stderr.strip().splitlines() == [

@@ -1,4 +1,5 @@
-"""Every parallel layout trains like one process running the plain model (gloo ranks on CPU).
+"""Every parallel layout trains, and evaluates on the held-out set, like one process running the plain
+model (gloo ranks on CPU).
 
 Layouts of one world size run in one spawned process group, one after another. The reference is
 the plain model in this process with grad_accum = dp * grad_accum over the same micro-batches and
@@ -12,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from tests.parallel_worker import layout_config, merged, run_training, spawn_jobs
+from tests.parallel_worker import assert_same_evals, layout_config, merged, run_training, spawn_jobs
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
@@ -69,6 +70,7 @@ def test_layout_matches_single_process(world, name, results_dir):
     ref_losses, ref_params = ref["losses"], ref["params"]
     for r, res in enumerate(ranks):
         assert res["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), f"rank {r} losses"
+        assert_same_evals(res["evals"], ref["evals"], LOSS_RTOL, f"rank {r}")
     assert params.keys() == ref_params.keys()
     for key, want in ref_params.items():
         torch.testing.assert_close(params[key], want, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=lambda m: f"{key}: {m}")

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from planner.plan import PLAN_DEFAULTS, plan_layout
+from planner.plan import PLAN_DEFAULTS, eval_seconds, plan_layout
 from planner.hardware import GPU
 from tests.conftest import REPO
 from config import load_config
@@ -163,3 +163,16 @@ def test_model_flops_per_token_for_the_trainer():
     assert model_flops_per_token(m, seq_len=S) == pytest.approx(dense + attn)
     assert gpu_for_device_name("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
     assert gpu_for_device_name("Tesla T4") is None
+
+
+def test_held_out_evaluation_costs_one_forward_per_evaluation_step():
+    """eval.rows dealt in steps of dp x grad_accum x batch_size rows (20 rows / 16 -> 2 steps); a
+    pipeline adds its forward-only fill and drain, (grad_accum + pp - 1) / grad_accum."""
+    def cfg(*overrides: str):
+        c = load_config(REPO / "configs" / "tiny.yaml", PLAN_DEFAULTS + ["train.batch_size=2", "train.grad_accum=2",
+                                                                         "eval.every=100", "eval.rows=20", *overrides])
+        c.parallel = c.parallel.resolved(4)
+        return c
+
+    assert eval_seconds(cfg("parallel.dp_shard=4"), forward_s=0.5) == pytest.approx(2 * 0.5)
+    assert eval_seconds(cfg("parallel.dp_shard=2", "parallel.pp=2"), forward_s=0.5) == pytest.approx(3 * 0.5 * 1.5)

@@ -22,7 +22,7 @@ from trainer.train import make_engine, train
 
 SMALL = ["model.n_layers=2", "train.batch_size=2", "train.seq_len=128", "model.max_seq_len=128",
          "logging.wandb=disabled", "logging.log_every=1", "data.source=synthetic", "train.device=cpu",
-         "optim.warmup_steps=2"]
+         "optim.warmup_steps=2", "eval.every=0"]
 
 
 def launch(out, *extra):
@@ -32,13 +32,14 @@ def launch(out, *extra):
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def losses_by_step(out) -> dict[int, float]:
+def losses_by_step(out, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}  # a replayed step keeps its last value
+    return {r["step"]: r[key] for r in rows if key in r}  # a replayed step keeps its last value
 
 
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
-    steps = ["train.steps=24", "checkpoint.interval=3"]
+    """With held-out evaluation on: it must not disturb the resumed run, and its numbers resume too."""
+    steps = ["train.steps=24", "checkpoint.interval=3", "eval.every=5", "eval.rows=8"]
     ref = launch(tmp_path / "ref", *steps)
     assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
     run = tmp_path / "run"
@@ -56,6 +57,9 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     want, got = losses_by_step(tmp_path / "ref"), losses_by_step(run)
     assert sorted(got) == list(range(1, 25))
     assert got == want  # bitwise: same floats for every step
+    for key in ("eval/lm_loss", "eval/diffusion_loss"):
+        evals = losses_by_step(run, key)
+        assert sorted(evals) == [5, 10, 15, 20, 24] and evals == losses_by_step(tmp_path / "ref", key)
 
 
 def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):

@@ -125,14 +125,14 @@ def test_trainer_refuses_a_pickled_column_in_one_line(tmp_path):
     marker = tmp_path / "marker"
     shards = pickled_caption_set(tmp_path / "set", marker)
     cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      ["data.source=streaming", "logging.wandb=disabled", streams_override(shards)])
+                      ["data.source=streaming", "logging.wandb=disabled", "eval.every=0", streams_override(shards)])
     expected = f"shard set {shards}: column 'caption' has encoding 'pkl', not the one in data_prep/schema.py"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         build_loader(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny.yaml"),
-         "data.source=streaming", streams_override(shards), "logging.wandb=disabled",
+         "data.source=streaming", streams_override(shards), "logging.wandb=disabled", "eval.every=0",
          f"train.output_dir={tmp_path / 'run'}", "checkpoint.enabled=false", "train.steps=1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

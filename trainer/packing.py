@@ -157,6 +157,11 @@ class SequencePacker:
         if self.waiting and self.fill == 0:
             raise AssertionError("unreachable: a waiting document always fits an empty row")
 
+    def flush(self) -> None:
+        """Close the current row and every waiting document's (a finite source ran out)."""
+        while self.fill > 0 or self.waiting:
+            self._close_row()
+
     def pop_rows(self, n: int) -> list[Row] | None:
         """Return n finished rows if available (FIFO), else None."""
         if len(self.ready) < n:

@@ -2,7 +2,8 @@
 
 Images are class patterns in latent space (plus noise) captioned with the class's fixed token
 sequence; text follows a fixed random Markov chain. Document i depends only on (seed, i), so the
-source's whole state is the index of the next document.
+source's whole state is the index of the next document. The held-out documents (`heldout=True`)
+come from the same patterns, captions and chain but a disjoint seed sequence (seed, i, 1).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class SyntheticSource:
     """Iterator over Documents; `state_dict` / `load_state_dict` give exact resume."""
 
     def __init__(self, data: DataConfig, model: ModelConfig, builder: DocumentBuilder, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.cfg, self.builder = data.synthetic, builder
+                 rank: int = 0, world_size: int = 1, heldout: bool = False) -> None:
+        self.cfg, self.builder, self.heldout = data.synthetic, builder, heldout
         self.text_fraction = data.text_fraction
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.index = 0
@@ -39,7 +40,8 @@ class SyntheticSource:
 
     def __next__(self) -> Document:
         # Ranks take interleaved document indices so their streams are disjoint.
-        rng = np.random.default_rng([self.seed, self.index * self.world_size + self.rank])
+        index = self.index * self.world_size + self.rank
+        rng = np.random.default_rng([self.seed, index, 1] if self.heldout else [self.seed, index])
         self.index += 1
         if rng.random() < self.text_fraction:
             return self.builder.text(self._text(rng))

@@ -3,7 +3,7 @@
 One step = grad_accum micro-batches of packed rows -> L_LM + lambda * L_DDPM -> clip -> AdamW ->
 LR schedule, run by the configured engine (parallel/engine.py). The loop below only sequences the
 pieces: the engine owns the step, CheckpointManager owns saving and resuming the registered state,
-MetricsLogger the log lines (docs/architecture.md §6).
+Evaluator the held-out evaluation, MetricsLogger the log lines (docs/architecture.md §6).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from parallel.parallelize import wraps_fsdp
 
 from .checkpoint import CheckpointManager, UnsafeToSave
 from .data import build_loader
+from .evaluation import Evaluator
 from .hardware import gpu_for_device_name
 from .metrics import MetricsLogger
 from .optim import AdamWCosine
@@ -69,6 +70,7 @@ def train(cfg: Config) -> list[dict[str, float]]:
     loader = build_loader(cfg, env.dp_rank, env.dims.dp)
     # Steps of micro-batches built ahead in a thread; it stands for the loader in checkpoints (consumed position).
     steps = StepPrefetcher(loader, cfg.train.grad_accum, cfg.data.prefetch, pin_memory=env.device.type == "cuda")
+    evaluator = Evaluator(cfg, env) if cfg.eval.enabled else None
     state, config, out = TrainState(), redact(cfg.to_dict()), cfg.output_dir  # config: no secrets
     ckpt = CheckpointManager(cfg.checkpoint, out / "checkpoints", engine, config, state,
                              {"scheduler": ScheduleState(engine.scheduler)}, {"loader": steps},
@@ -78,6 +80,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
                            peak_flops=_peak_flops(env))
     state.wandb_id = logger.run_id
     _announce(engine, env, state, ckpt, cfg)
+    if evaluator is not None:
+        logger.event(evaluator.describe())
     preemption, preempted = PreemptionWatcher(), False
     try:
         while state.step < cfg.train.steps:
@@ -92,8 +96,10 @@ def train(cfg: Config) -> list[dict[str, float]]:
             else:
                 state.step, state.bad_steps = state.step + 1, 0
                 state.tokens_seen += result.tokens * env.dims.dp
-                logger.record(state.step, _row(result, batches, time.perf_counter() - t0, state, cfg, env),
-                              last=state.step == cfg.train.steps)
+                last = state.step == cfg.train.steps
+                logger.record(state.step, _row(result, batches, time.perf_counter() - t0, state, cfg, env), last=last)
+                if evaluator is not None and evaluator.due(state.step, last):
+                    logger.log(state.step, evaluator.run(engine))
             preempted = preemption.requested()
             ckpt.maybe_save(state.step, preempted, clean=state.bad_steps == 0)
             if preempted:

@@ -139,28 +139,33 @@ def save_class_grid(images: torch.Tensor, labels: list[int], pred: np.ndarray, n
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.jsonl rows sorted by step; a resumed run's repeated steps keep their last value."""
+    """metrics.jsonl rows merged per step (training and eval/ lines) and sorted by step; a resumed
+    run's repeated steps keep their last values."""
     rows: dict[int, dict[str, float]] = {}
     for line in open(path):
         if line.strip():
             r = json.loads(line)
-            rows[int(r["step"])] = r
+            rows.setdefault(int(r["step"]), {}).update(r)
     return [rows[k] for k in sorted(rows)]
 
 
 def save_loss_curve(rows: list[dict[str, float]], path: Path, title: str) -> Path:
-    """Total and LM loss (left) and the diffusion ε-MSE (right) against the step."""
+    """Total and LM loss (left) and the diffusion ε-MSE (right) against the step, training and held out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    steps = [r["step"] for r in rows]
-    for ax, keys in ((left, (("loss", "total (LM + λ·diffusion)"), ("lm_loss", "LM"))),
-                     (right, (("diffusion_loss", "diffusion (ε-MSE)"),))):
+    for ax, keys in ((left, (("loss", "total (LM + λ·diffusion)"), ("lm_loss", "LM"),
+                             ("eval/text_lm_loss", "held-out text LM"), ("eval/caption_lm_loss", "held-out caption LM"))),
+                     (right, (("diffusion_loss", "diffusion (ε-MSE)"),
+                              ("eval/diffusion_loss", "held-out diffusion (fixed t, 8 buckets)")))):
         for key, label in keys:
-            ax.plot(steps, [r.get(key, np.nan) for r in rows], marker=".", markersize=3, label=label)
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                style = "--" if key.startswith("eval/") else "-"
+                ax.plot(*zip(*points), style, marker=".", markersize=3, label=label)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()

