@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .base import require
 from .data import DataConfig, StreamConfig, validate_streams
@@ -21,6 +22,7 @@ class EvalConfig:
     seed: int = 0  # held-out noise and timesteps (not train.seed: runs of any seed compare on the same draws)
     lm: bool = True  # LM loss and perplexity per text token, plain text and captions apart
     diffusion: bool = True  # diffusion loss per timestep bucket and their mean
+    weights: Literal["raw", "ema", "both"] = "raw"  # which weights to score: ema needs train.ema_decay (eval/ema/...)
 
     @property
     def enabled(self) -> bool:

@@ -44,6 +44,9 @@ class Config:
             f"an image takes {m.patches_per_image} patches + BOI/EOI, which does not fit "
             f"train.seq_len={t.seq_len} with its BOS/EOS",
         )
+        require(0 <= t.ema_decay < 1, f"train.ema_decay must lie in [0, 1) (0: no EMA), got {t.ema_decay}")
+        require(self.eval.weights == "raw" or t.ema_decay > 0, f"eval.weights={self.eval.weights} scores the EMA "
+                "weights, which train.ema_decay=0 does not keep: set train.ema_decay (e.g. 0.9999) or eval.weights=raw")
         require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
         require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must lie in [0, optim.lr={o.lr}]")
         require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")

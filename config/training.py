@@ -13,6 +13,7 @@ class TrainSection:
     grad_accum: int = 1
     seed: int = 0
     dtype: Literal["fp32", "bf16"] = "bf16"  # bf16 = autocast with fp32 master weights
+    ema_decay: float = 0.0  # EMA of the weights after every optimizer step (parallel/ema.py); 0: off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "outputs/run"
 

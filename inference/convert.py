@@ -89,15 +89,15 @@ def read_train_configs(ckpt: Path) -> tuple[ModelConfig, DiffusionConfig, dict[s
     return model, diffusion, {"checkpoint": str(ckpt.resolve()), "step": state.get("step")}
 
 
-def load_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint's full model tensors with plain-model names, read offline (either engine's
-    format); names and shapes are checked before any tensor is read."""
+def load_model_state(ckpt: Path, cfg: ModelConfig, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's full model tensors (`ema`: its EMA weights) with plain-model names, read
+    offline (either engine's format); names and shapes are checked before any tensor is read."""
 
     def check(shapes: dict[str, tuple[int, ...]]) -> None:
         check_tensors(expected_shapes(cfg), shapes, f"checkpoint '{ckpt}'", cfg)
 
     try:
-        return read_full_weights(ckpt, check)
+        return read_full_weights(ckpt, check, ema)
     except ConfigError as e:
         raise InferenceFolderError(str(e)) from None
 
@@ -116,12 +116,12 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 def convert_checkpoint(
     ckpt_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_size: int | str = "2GB",
     tokenizer: str | Path | None = None, vae: str | Path | None = None, vae_mode: str = "copy",
-    hf_llama: str | Path | None = None, overwrite: bool = False, vq: str | Path | None = None,
+    hf_llama: str | Path | None = None, overwrite: bool = False, vq: str | Path | None = None, ema: bool = False,
 ) -> InferenceConfig:
     """Write the inference folder (and optionally the HF Llama export); returns its config.
 
     `vq` (a VQModel folder) is the image codec of a `model.image_representation: tokens` checkpoint,
-    copied or referenced like the VAE (`vae_mode`)."""
+    copied or referenced like the VAE (`vae_mode`); `ema` exports the EMA weights (train.ema_decay)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     ckpt = resolve_checkpoint(ckpt_dir)
@@ -146,7 +146,8 @@ def convert_checkpoint(
     if hf_llama is not None:
         _prepare_output(Path(hf_llama), overwrite)
 
-    state = load_model_state(ckpt, model_cfg)
+    state = load_model_state(ckpt, model_cfg, ema)
+    source["weights"] = "ema" if ema else "raw"
     state = {n: t.to(DTYPES[dtype]) if t.is_floating_point() else t for n, t in state.items()}
     save_weights(state, out, max_shard_size)
     cfg = InferenceConfig(model_cfg, diffusion_cfg, dtype, source=source)
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hf-llama", default=None, metavar="HF_OUT",
                     help="also export the text backbone as a Hugging Face LlamaForCausalLM folder")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT_DIR / HF_OUT")
+    ap.add_argument("--ema", action="store_true", help="export the EMA weights (a run with train.ema_decay > 0)")
     return ap
 
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = convert_checkpoint(
             args.ckpt_dir, args.out_dir, args.dtype, max_shard, args.tokenizer, args.vae, args.vae_mode,
-            args.hf_llama, args.overwrite, args.vq,
+            args.hf_llama, args.overwrite, args.vq, args.ema,
         )
     except (InferenceFolderError, TokenizerError, VAEError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import IGNORE_INDEX, PackedBatch
+from .diffusion import NoiseSchedule
 from .losses import LM_CHUNK_ROWS, LmLossSum, per_image_mse
 from .transfusion import ModelOutput
 
@@ -34,6 +35,10 @@ class HeldoutBatch:
 
     def to(self, device: torch.device | str) -> "HeldoutBatch":
         return HeldoutBatch(self.batch.to(device), *(t.to(device) for t in (self.targets, self.timesteps, self.noise)))
+
+    def noisy_latents(self, schedule: NoiseSchedule) -> torch.Tensor:
+        """The images noised to their fixed timesteps [N_img, C, h, w]."""
+        return schedule.q_sample(self.batch.latents, self.timesteps, self.noise)
 
 
 def target_kinds(batch: PackedBatch, boi: int, image_token_offset: int | None = None) -> torch.Tensor:

@@ -107,6 +107,8 @@ def _check_layout(cfg) -> None:
         "use parallel.dp_shard)": p.dp_replicate > 1,
         "parallel.cpu_offload (FSDP's; use parallel.deepspeed.offload_optimizer)": p.cpu_offload,
         "parallel.meta_init (DeepSpeed needs a materialised model; set parallel.meta_init=false)": p.meta_init,
+        "train.ema_decay (an EMA of ZeRO's partitions is not implemented; use parallel.engine=torch, whose "
+        "FSDP2 keeps the EMA sharded)": cfg.train.ema_decay > 0,
     }
     for what, hit in bad.items():
         if hit:

@@ -8,6 +8,7 @@ offers (docs/architecture.md §5.4):
   checkpoint state    `save(folder)` / `load(folder)` of model + optimizer in the engine's own format
   full weights        `full_state_dict()` (online; offline reading is trainer/checkpoint_weights.py)
   held-out forward    `evaluate(batches, stats)`: forward only, fixed noise, summed statistics
+  EMA weights         `ema` (train.ema_decay > 0): parallel/ema.py, updated after every applied step
 `train_step` composes the first two with the loss normalisation and the cross-rank reductions: it
 is the one training step, run by the trainer and, under fake tensors, by the planner, which watches
 its phases through `StepHooks`.
@@ -38,11 +39,12 @@ from model.heldout import HeldoutBatch, HeldoutStats
 from model.losses import LmLossSum, lm_loss_sum
 
 from .dims import DistEnv
+from .ema import EmaWeights
 
 # Checkpoint formats of model + optimizer state (`TrainingEngine.format`), and the top-level keys of
 # a DCP checkpoint's state: what the offline reader (trainer/checkpoint_weights.py) relies on.
 DCP, DEEPSPEED = "dcp", "deepspeed"
-MODEL_KEY, OPTIM_KEY = "model", "optim"
+MODEL_KEY, OPTIM_KEY, EMA_KEY = "model", "optim", "ema"
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -113,6 +115,7 @@ class TrainingEngine(abc.ABC):
     parts: list[nn.Module]  # this rank's model modules (one, or its pipeline stages), plain parameter names
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EmaWeights | None = None  # with train.ema_decay > 0, where the engine supports it
 
     def __init__(self, cfg: Config, env: DistEnv, lm_loss: LmLossSum = lm_loss_sum) -> None:
         self.cfg, self.env, self.device = cfg, env, env.device
@@ -169,6 +172,8 @@ class TrainingEngine(abc.ABC):
             dist.all_reduce(totals, group=self.env.group("dp"))
         # The grad norm and the losses are global, so every rank takes the same decision.
         grad_norm, applied = self.optimizer_step(bool(torch.isfinite(totals).all()), hooks)
+        if applied and self.ema is not None:
+            self.ema.update()
         loss, lm, diff = totals.tolist()
         finite = math.isfinite(grad_norm) and all(math.isfinite(x) for x in (loss, lm, diff))
         if not applied or finite:
@@ -211,7 +216,7 @@ class TrainingEngine(abc.ABC):
         for hb in batches:
             b = hb.batch
             with self.autocast():
-                noisy = self.objective.schedule.q_sample(b.latents, hb.timesteps, hb.noise)
+                noisy = hb.noisy_latents(self.objective.schedule)
                 out = self.forward_model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, hb.timesteps)
                 sums += stats(out, hb.targets, hb.noise, hb.timesteps, self.objective.lm_loss)
         return sums

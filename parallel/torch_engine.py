@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
 
 from config import Config
@@ -28,10 +30,15 @@ from model.heldout import HeldoutBatch, HeldoutStats
 from model.losses import lm_loss_sum
 
 from .dims import DistEnv
-from .engine import DCP, MODEL_KEY, NO_HOOKS, OPTIM_KEY, OptimizerFactory, StepHooks, TrainingEngine, image_capacity
+from .ema import EmaWeights
+from .engine import (
+    DCP, EMA_KEY, MODEL_KEY, NO_HOOKS, OPTIM_KEY, OptimizerFactory, StepHooks, TrainingEngine, image_capacity,
+)
 from .grad_clip import clip_grad_norm
 from .loss_parallel import vocab_parallel_lm_loss_sum
 from .parallelize import parallelize
+
+log = logging.getLogger(__name__)
 
 
 def merge_parts(parts: list[nn.Module]) -> nn.Module:
@@ -89,6 +96,8 @@ class TorchEngine(TrainingEngine):
                 part.forward = _under(self.autocast, part.forward)
         self.optimizer = optimizers.optimizer(list(self.pm.parameters()))
         self.scheduler = optimizers.scheduler(self.optimizer)
+        if cfg.train.ema_decay > 0:
+            self.ema = EmaWeights(dict(merge_parts(self.parts).named_parameters()), cfg.train.ema_decay)
 
     # ---- the step -------------------------------------------------------------------------------
     def forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
@@ -108,16 +117,19 @@ class TorchEngine(TrainingEngine):
         """torch's loss_parallel around forward and backward when the LM head is vocab-sharded (TP)."""
         return loss_parallel() if self.pm.loss_parallel else contextlib.nullcontext()
 
-    def _stage_inputs(self, batch: PackedBatch, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """The keyword inputs of every pipeline stage for micro-batch `micro` (its noise drawn as the
-        plain step draws it); the true noise rides along to the last stage's loss."""
-        noisy, t, noise = self.objective.inputs(batch, step, self.global_micro(micro))
+    @staticmethod
+    def _stage_inputs(batch: PackedBatch, noisy: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keyword inputs of every pipeline stage for one micro-batch with its noisy latents,
+        timesteps and noise; the true noise rides along to the last stage's loss."""
         return {"position_ids": batch.position_ids, "kv_lo": batch.kv_lo, "kv_hi": batch.kv_hi,
                 "is_image": batch.is_image, "noisy_latents": noisy, "timesteps": t, "noise": noise}
 
     def _pipeline_forward_backward(self, batches: list[PackedBatch], step: int, norm: LossNorm,
                                    hooks: StepHooks) -> torch.Tensor:
-        kwarg_mbs = [self._stage_inputs(b, step, micro) for micro, b in enumerate(batches)]
+        # Noise drawn as the plain step draws it.
+        kwarg_mbs = [self._stage_inputs(b, *self.objective.inputs(b, step, self.global_micro(micro)))
+                     for micro, b in enumerate(batches)]
         self._pp_losses.clear()
         self._norm = norm
         first = any(part.is_first for part in self.parts)
@@ -147,14 +159,24 @@ class TorchEngine(TrainingEngine):
         self._pp_losses.append(terms)
         return loss  # summed over micro-batches (scale_grads=False)
 
+    def evaluate(self, batches: list[HeldoutBatch], stats: HeldoutStats) -> torch.Tensor:
+        try:
+            return super().evaluate(batches, stats)
+        finally:
+            # With reshard_after_forward=False a forward leaves its gathered parameters for a backward
+            # that does not come here; drop them, or the next forward would reuse them (stale after
+            # an EMA swap) instead of gathering the current shards.
+            for part in self.parts:
+                for module in part.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+
     def heldout_sums(self, batches: list[HeldoutBatch], stats: HeldoutStats) -> torch.Tensor:
         """Pipelined, torch's forward-only schedule (`eval`) runs the stages and the last one sums
         the stats (`pipeline_loss`); shared with the other stages like the training losses."""
         if self.pm.schedule is None:
             return super().heldout_sums(batches, stats)
-        kwarg_mbs = [{"position_ids": hb.batch.position_ids, "kv_lo": hb.batch.kv_lo, "kv_hi": hb.batch.kv_hi,
-                      "is_image": hb.batch.is_image, "timesteps": hb.timesteps, "noise": hb.noise,
-                      "noisy_latents": self.objective.schedule.q_sample(hb.batch.latents, hb.timesteps, hb.noise)}
+        kwarg_mbs = [self._stage_inputs(hb.batch, hb.noisy_latents(self.objective.schedule), hb.timesteps, hb.noise)
                      for hb in batches]
         first = any(part.is_first for part in self.parts)
         self._heldout = stats, torch.zeros(stats.size, dtype=torch.float64, device=self.device)
@@ -185,7 +207,10 @@ class TorchEngine(TrainingEngine):
     # ---- checkpoint state -----------------------------------------------------------------------
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(merge_parts(self.parts), self.optimizer)
-        return {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
+        state = {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}
+        if self.ema is not None:
+            state[EMA_KEY] = self.ema.state_dict()
+        return state
 
     def save(self, folder: Path, async_save: bool = False) -> Future | None:
         if async_save:
@@ -195,9 +220,17 @@ class TorchEngine(TrainingEngine):
 
     def load(self, folder: Path) -> None:
         state = self._state()
+        saved_ema = any(k.startswith(EMA_KEY + ".")
+                        for k in dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        if self.ema is not None and not saved_ema:  # EMA turned on at this resume: it starts here
+            del state[EMA_KEY]
         dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(merge_parts(self.parts), self.optimizer, model_state_dict=state[MODEL_KEY],
                        optim_state_dict=state[OPTIM_KEY])
+        if self.ema is not None and not saved_ema:
+            log.warning("checkpoint %s holds no EMA weights (saved with train.ema_decay=0): the EMA starts from "
+                        "its weights", folder)
+            self.ema.reset()
 
     def local_tensors(self) -> list[torch.Tensor]:
         def local(t: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from torch.distributed.pipelining.schedules import ScheduleGPipe
 from config import Config, ConfigError
 from model import LossNorm, Objective, PackedBatch, TransfusionModel
 from model.flops import batch_flops
+from model.init import local_tensor
 from parallel.dims import DistEnv, ParallelDims, mesh_env
 from parallel.engine import StepHooks, image_capacity
 from parallel.engines import build_engine
@@ -65,7 +66,7 @@ class RankResult:
     rank: int
     stages: list[int]
     peak_bytes: int
-    peak_split: dict[str, int]  # MEMORY_GROUPS -> bytes at the peak
+    peak_split: dict[str, int]  # MEMORY_GROUPS and "ema" -> bytes at the peak
     counter: Counter
     attention: AttentionWork
     micro_scale: dict[str, float] = field(default_factory=dict)
@@ -190,6 +191,10 @@ def _run(cfg: Config, dims: ParallelDims, rank: int, gpu: GPU, t0: float) -> Ran
         finally:
             CURRENT_WORK.pop()
         peak, split = tracker.peak()
+        # The EMA weights (train.ema_decay) live through the whole step: this rank's shards add to its peak.
+        split["ema"] = sum(local_tensor(t).numel() * t.element_size()
+                           for t in (engine.ema.state_dict().values() if engine.ema is not None else ()))
+        peak += split["ema"]
     # Not pipelined, 2 of grad_accum micro-batches ran: the first stands for the grad_accum - 1 before the last.
     scale = {"accum": float(cfg.train.grad_accum - 1) if n_micro > 1 else 0.0} if dims.pp == 1 else {}
     analytic = {k: f.total for k, f in batch_flops(cfg.model, real_batches[-1]).items()}

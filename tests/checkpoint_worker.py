@@ -12,7 +12,7 @@ from trainer.train import make_engine
 def train_with_checkpoints(cfg, env, out: str, save_at: int | None, resume: str | None) -> dict:
     """Train cfg.train.steps over the global batches, saving at step `save_at` into `out` (0: before
     training) and/or first resuming from the checkpoint folder `resume`; returns the losses and, for
-    the DeepSpeed engine, the full weights at the save."""
+    the DeepSpeed engine, the full weights at the save, and with train.ema_decay the EMA at the end."""
     engine = make_engine(cfg, env)
     dp, dp_rank = (env.dims.dp, env.dp_rank) if env is not None else (1, 0)
     step = 0
@@ -37,4 +37,7 @@ def train_with_checkpoints(cfg, env, out: str, save_at: int | None, resume: str 
         state.step += 1
         if state.step == save_at:
             save()
+    if engine.ema is not None:
+        result["ema"] = {n: t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+                         for n, t in engine.ema.state_dict().items()}
     return result

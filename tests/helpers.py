@@ -227,7 +227,7 @@ def plan_fake_rank(name: str, overrides: list[str], world: int, rank: int = 0, a
 
     r = run_rank(plan_config(name, overrides, world), rank, GPUS["h100"], attention)
     summary = _rank_summary(r, GPUS["h100"])[0]
-    summary["peak_bytes"] = r.peak_bytes
+    summary["peak_bytes"], summary["ema_bytes"] = r.peak_bytes, r.peak_split["ema"]
     summary["clip_all_reduces"] = r.counter.calls_by_phase["clip"]
     return summary
 

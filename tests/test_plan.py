@@ -45,7 +45,8 @@ def test_tiny_layouts_on_a_fake_world_of_8(layout):
     overrides, dims = TINY_LAYOUTS[layout]
     s = _run_in_process("plan_fake_rank", "tiny.yaml", overrides, 8)
     assert s["peak_gib"] >= 0 and s["peak_bytes"] > 0
-    assert s["memory_gib"].keys() == {"parameters", "gradients", "optimizer", "activations", "temporaries"}
+    assert s["memory_gib"].keys() == {"parameters", "gradients", "optimizer", "activations", "temporaries", "ema"}
+    assert s["ema_bytes"] == 0  # train.ema_decay: 0
     assert set(s["collective_gib"]) == dims, s["collective_gib"]
     # Gradient clipping: one all-reduce per mesh dim the gradients live on (+ pp), not one per parameter.
     assert s["clip_all_reduces"] == len(dims), s["clip_all_reduces"]
@@ -176,3 +177,15 @@ def test_held_out_evaluation_costs_one_forward_per_evaluation_step():
 
     assert eval_seconds(cfg("parallel.dp_shard=4"), forward_s=0.5) == pytest.approx(2 * 0.5)
     assert eval_seconds(cfg("parallel.dp_shard=2", "parallel.pp=2"), forward_s=0.5) == pytest.approx(3 * 0.5 * 1.5)
+
+
+def test_ema_weights_are_counted_sharded_in_fp32():
+    """train.ema_decay: an fp32 copy of this rank's parameter shards (FSDP over 8: an eighth, padding aside)."""
+    import torch
+
+    from model import TransfusionModel
+
+    s = _run_in_process("plan_fake_rank", "tiny.yaml", ["parallel.dp_shard=-1", "train.ema_decay=0.999"], 8)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in TransfusionModel(load_config(REPO / "configs" / "tiny.yaml", PLAN_DEFAULTS).model).parameters())
+    assert s["ema_bytes"] == pytest.approx(4 * n / 8, rel=0.05)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
-from parallel.engine import DCP, DEEPSPEED, MODEL_KEY
+from parallel.engine import DCP, DEEPSPEED, EMA_KEY, MODEL_KEY
 
 STATE_FILE = "train_state.pt"  # written by the checkpointer in every complete checkpoint
 ShapeCheck = Callable[[dict[str, tuple[int, ...]]], None]
@@ -33,36 +33,40 @@ def checkpoint_format(folder: Path) -> str | None:
     return None
 
 
-def read_full_weights(folder: Path, check: ShapeCheck | None = None) -> dict[str, torch.Tensor]:
-    """The full model weights of a checkpoint of either engine, with plain-model names.
+def read_full_weights(folder: Path, check: ShapeCheck | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The full model weights of a checkpoint of either engine, with plain-model names (`ema`: the
+    EMA weights of a run with train.ema_decay instead).
 
     `check` sees {name: shape} before any tensor is read (so a wrong checkpoint fails fast)."""
     fmt = checkpoint_format(folder)
     if fmt == DEEPSPEED:
+        if ema:
+            raise ConfigError(f"'{folder}' is a DeepSpeed checkpoint, which holds no EMA weights")
         return _read_deepspeed(folder, check)
     if fmt == DCP:
-        return _read_dcp(folder, check)
+        return _read_dcp(folder, check, EMA_KEY if ema else MODEL_KEY)
     raise ConfigError(f"'{folder}' is not a complete checkpoint (needs {STATE_FILE} and DCP .metadata or a "
                       f"{DEEPSPEED}/ folder)")
 
 
-def _read_dcp(folder: Path, check: ShapeCheck | None) -> dict[str, torch.Tensor]:
-    """The model tensors of a DCP checkpoint, resharded by DCP into full tensors."""
+def _read_dcp(folder: Path, check: ShapeCheck | None, key: str = MODEL_KEY) -> dict[str, torch.Tensor]:
+    """The `key` tensors (model or EMA weights) of a DCP checkpoint, resharded by DCP into full tensors."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    prefix = MODEL_KEY + "."
+    prefix = key + "."
     stored = {k[len(prefix):]: v for k, v in metadata.items()
               if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
     if not stored:
-        raise ConfigError(f"checkpoint '{folder}' holds no '{MODEL_KEY}' tensors")
+        why = " (it was trained with train.ema_decay=0)" if key == EMA_KEY else ""
+        raise ConfigError(f"checkpoint '{folder}' holds no '{key}' tensors{why}")
     if check is not None:
         check({k: tuple(v.size) for k, v in stored.items()})
     state = {n: torch.empty(tuple(m.size), dtype=m.properties.dtype) for n, m in stored.items()}
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({MODEL_KEY: state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        dcp.load({key: state}, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     return state
 
 

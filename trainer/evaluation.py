@@ -111,37 +111,48 @@ class Evaluator:
         return self.cfg.enabled and (step % self.cfg.every == 0 or last)
 
     def run(self, engine: TrainingEngine) -> dict[str, float]:
-        """Collective: evaluate the engine's current weights; the metrics under `eval/` (with the seconds)."""
+        """Collective: evaluate the engine's weights (`eval.weights`: the raw ones under `eval/`, the
+        EMA's under `eval/ema/`); the metrics with the seconds it took."""
         t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.cfg.weights in ("raw", "both"):
+            out.update(self._metrics(engine, "eval/"))
+        if self.cfg.weights in ("ema", "both"):
+            with engine.ema.swapped():
+                out.update(self._metrics(engine, "eval/ema/"))
+        return {**out, "eval/seconds": time.perf_counter() - t0}
+
+    def _metrics(self, engine: TrainingEngine, prefix: str) -> dict[str, float]:
         sums = sum(engine.evaluate(batches, self.stats) for batches in self.steps)
-        return {**heldout_metrics(self.stats, sums.cpu()), "eval/seconds": time.perf_counter() - t0}
+        return heldout_metrics(self.stats, sums.cpu(), prefix)
 
     def describe(self) -> str:
         """One line for the log: what an evaluation covers."""
         return (f"eval every {self.cfg.every} steps on {self.rows} held-out rows ({self.images} images, "
-                f"{self.cfg.timestep_buckets} timestep buckets), {len(self.steps)} forward step(s) each")
+                f"{self.cfg.timestep_buckets} timestep buckets), {len(self.steps)} forward step(s) each, "
+                f"weights: {self.cfg.weights}")
 
 
-def heldout_metrics(stats: HeldoutStats, sums) -> dict[str, float]:  # noqa: ANN001 (a tensor [stats.size])
-    """Summed held-out statistics as metrics: LM loss (and perplexity) per kind of text, the diffusion
-    loss per timestep bucket and the mean of the buckets'."""
+def heldout_metrics(stats: HeldoutStats, sums, prefix: str = "eval/") -> dict[str, float]:  # noqa: ANN001
+    """Summed held-out statistics (a tensor [stats.size]) as metrics named `prefix`...: LM loss (and
+    perplexity) per kind of text, the diffusion loss per timestep bucket and the mean of the buckets'."""
     kinds, buckets = stats.split(sums)
     out: dict[str, float] = {}
     if stats.lm:
         ce, n = sum(c for c, _ in kinds), sum(k for _, k in kinds)
         if n:
-            out["eval/lm_loss"] = ce / n
+            out[f"{prefix}lm_loss"] = ce / n
         for name, (c, k) in zip(TARGET_KINDS, kinds):
             if k:
-                out[f"eval/{name}_lm_loss"] = c / k
-                out[f"eval/{name}_ppl"] = math.exp(min(c / k, 700.0))
+                out[f"{prefix}{name}_lm_loss"] = c / k
+                out[f"{prefix}{name}_ppl"] = math.exp(min(c / k, 700.0))
     if stats.diffusion:
         means = {}
         for b, (mse, k) in enumerate(buckets):
             if k:
                 lo, hi = bucket_range(b, stats.n_buckets, stats.num_timesteps)
-                means[f"eval/diffusion_loss_t{lo}-{hi - 1}"] = mse / k
+                means[f"{prefix}diffusion_loss_t{lo}-{hi - 1}"] = mse / k
         if means:
-            out["eval/diffusion_loss"] = sum(means.values()) / len(means)
+            out[f"{prefix}diffusion_loss"] = sum(means.values()) / len(means)
             out.update(means)
     return out
