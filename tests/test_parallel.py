@@ -26,6 +26,7 @@ LAYOUTS = {
         "tp2_sp": ["parallel.tp=2"],
         "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
         "pp2_interleaved": ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+        "pp2_zero_bubble": ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"],
         "pp2_gpipe_unet": ["parallel.pp=2", "parallel.pp_schedule=gpipe", "model.patch_codec=unet"],
         "fsdp2_unet_ac": ["parallel.dp_shard=2", "model.patch_codec=unet", "parallel.activation_checkpoint=full"],
     },
