@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from config import Config
+from config import Config, ConfigError
 from model.heldout import TARGET_KINDS, HeldoutBatch, HeldoutStats, bucket_range, fixed_draws, target_kinds
 from parallel.dims import DistEnv
 from parallel.engine import TrainingEngine
@@ -86,7 +86,7 @@ class Evaluator:
         self.num_timesteps = cfg.diffusion.num_timesteps
         rows = heldout_rows(cfg)
         if not rows:
-            raise ValueError("the held-out set is empty: eval.streams hold no documents")
+            raise ConfigError("the held-out set is empty: eval.streams hold no documents")
         latent_shape = (m.latent_channels, m.latent_size, m.latent_size)
         dp, per_micro, micros = env.dims.dp, t.batch_size, t.grad_accum
         per_step = dp * micros * per_micro
