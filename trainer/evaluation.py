@@ -4,8 +4,8 @@ The held-out set is built once at start-up, identically on every rank: documents
 `eval.streams` (or the synthetic source's held-out documents), read in order, caption before image
 and no caption dropout (the direction generation is scored in), latents at their posterior mean,
 packed into `eval.rows` rows of train.seq_len, mixed by positions like training until a stream has
-been read once, then from the others; no document is read twice. Row j of the set always gets the same place in the same held-out micro-batch
-of some rank, images their fixed noise and timesteps (model/heldout.py), so every evaluation of the
+been read once, then from the others; no document is read twice. Row j of the set always gets the
+same place in the same held-out micro-batch of some rank, images their fixed noise and timesteps (model/heldout.py), so every evaluation of the
 same weights gives the same numbers on any layout. Rows are dealt out as training deals
 micro-batches (dp x grad_accum per evaluation step, empty rows padding the last), and each step is
 one `engine.evaluate`, the layout's forward without backward.
@@ -83,7 +83,6 @@ class Evaluator:
         e, m, t = cfg.eval, cfg.model, cfg.train
         self.cfg = e
         self.stats = HeldoutStats(cfg.diffusion.num_timesteps, e.timestep_buckets, e.lm, e.diffusion)
-        self.num_timesteps = cfg.diffusion.num_timesteps
         rows = heldout_rows(cfg)
         if not rows:
             raise ConfigError("the held-out set is empty: eval.streams hold no documents")
@@ -101,7 +100,7 @@ class Evaluator:
                 start = ((step * dp + env.dp_rank) * micros + micro) * per_micro
                 batch = collate(rows[start:start + per_micro], latent_shape)
                 timesteps, noise = fixed_draws(latent_shape, int(first_image[start]), batch.num_images, e.seed,
-                                               self.num_timesteps, e.timestep_buckets)
+                                               self.stats.num_timesteps, e.timestep_buckets)
                 micro_batches.append(HeldoutBatch(batch, target_kinds(batch, m.tokens.boi, offset), timesteps, noise))
             self.steps.append(micro_batches)
         self.images = int(first_image[-1])
