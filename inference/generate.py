@@ -152,14 +152,18 @@ class TransfusionGenerator:
     # ---- generation -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt] | str, config: GenerationConfig | None = None, **overrides) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Prompt] | str, config: GenerationConfig | None = None,
+                 seeds: Sequence[int] | None = None, **overrides) -> list[GenerationResult]:
         """Generate for a batch of prompts (a string or a list of ids is one prompt); keyword
-        arguments override fields of `config`."""
+        arguments override fields of `config`. Row i draws from seed `seeds[i]` (default config.seed + i),
+        so a sample can keep its seed whatever batch it runs in."""
         cfg = replace(config or GenerationConfig(), **overrides)
         cfg.validate()
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and all(isinstance(p, int) for p in prompts))
         prompts = [prompts] if single else list(prompts)  # type: ignore[list-item]
-        runs = [self._start(p, i, cfg) for i, p in enumerate(prompts)]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        runs = [self._start(p, i, cfg, cfg.seed + i if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
         self._prefill(runs, cfg)
         while True:
             if any(r.status == TEXT for r in runs):
@@ -177,7 +181,7 @@ class TransfusionGenerator:
                 r.result.text = self._render(r.result.tokens)
         return [r.result for r in runs]
 
-    def _start(self, prompt: Prompt, index: int, cfg: GenerationConfig) -> _Run:
+    def _start(self, prompt: Prompt, index: int, cfg: GenerationConfig, seed: int) -> _Run:
         t, P, max_len = self.cfg.tokens, self.cfg.patches_per_image, self.cfg.max_seq_len
         loader = self.encode_image if self.vae is not None else None
         segments = encode_prompt(prompt, self.cfg, self.tokenizer, loader)
@@ -194,7 +198,7 @@ class TransfusionGenerator:
                 f"prompt {index} takes {len(row)} positions{extra} = {need}, more than the model's context "
                 f"of {max_len} (model.max_seq_len); shorten the prompt"
             )
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + index)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         run = _Run(row, gen, GenerationResult())
         run.next = row.tokens.pop()  # the last prompt token is fed by the first decode step
         row.is_image.pop()

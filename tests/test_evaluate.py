@@ -107,6 +107,39 @@ def test_evaluate_end_to_end_on_a_random_model(run, data, tmp_path, monkeypatch,
         with Image.open(path) as img:
             img.load()
             assert img.width > 50 and img.height > 50
+    fd, cap = r["fd_digits"], r["captions"]
+    assert fd["generated"] > 0 and fd["vae_reconstructions"] >= 0 and fd["real_digits"] == n_real
+    assert 0 <= cap["bleu4"] <= 1 and cap["cider"] >= 0 and "FD-digits" in printed and "CIDEr" in printed
+
+    # The general command on the files the demo wrote scores the same samples and captions the same way.
+    from inference.evaluate import main as evaluate_main
+
+    again = tmp_path / "again"
+    assert evaluate_main([r["files"]["model"], "--manifest", r["files"]["manifest"], "--feature-net", r["files"]["feature_net"],
+                          "--steps", "2", "--cfg-scale", "3", "--batch-size", "8", "--max-caption-tokens", "16",
+                          "--out", str(again), "--stats-cache", str(tmp_path / "stats")]) == 0
+    printed = capsys.readouterr().out
+    assert "FD-digits" in printed and "CIDEr" in printed and "classifier accuracy" in printed
+    m = json.loads((again / "results.json").read_text())["metrics"]
+    assert m["fd_digits"] == pytest.approx(fd["generated"], rel=1e-5)
+    assert m["accuracy"] == pytest.approx(c2i["accuracy"]) and m["cider"] == pytest.approx(cap["cider"])
+
+
+def test_digit_feature_net_is_the_svm(tmp_path):
+    """The exported feature net computes the SVM's one-vs-one decision values and predictions."""
+    from examples.digits.features import save_feature_net
+    from inference.image_scores import FeatureNet
+
+    rng = np.random.default_rng(0)
+    images = torch.rand(60, 3, 8, 8)
+    labels = np.concatenate([np.arange(10), rng.integers(0, 10, 50)])
+    x = ev.features(images)
+    clf = ev.DigitClassifier().fit(x, labels)
+    net = FeatureNet(save_feature_net(clf.model, tmp_path / "digits.pt2", 8), 8)
+    clf.model.decision_function_shape = "ovo"
+    assert net.classifies and net.num_features == 45
+    np.testing.assert_allclose(net(images).numpy(), clf.model.decision_function(x), atol=1e-5)
+    assert (net.classify(images).numpy() == clf.predict(x)).all()
 
 
 def test_caption_subset_is_balanced_over_classes(run, data, tmp_path):

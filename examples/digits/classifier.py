@@ -33,27 +33,18 @@ def parse_digit(text: str | None) -> int | None:
 
 
 def load_pixels(files: Sequence[Path], size: int) -> torch.Tensor:
-    """Image files -> [N, 3, size, size] in [0, 1], preprocessed like the VAE's input
-    (RGB, short side resized, center crop; see inference.images.encode_image_file)."""
-    from PIL import Image
-    from torchvision.transforms import v2 as T
+    """Image files -> [N, 3, size, size] in [0, 1], preprocessed exactly like the VAE's input and
+    inference.evaluate's reference images (inference.images.preprocess_image_file)."""
+    from inference.images import preprocess_image_file
 
-    prep = T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True)])
-    out = []
-    for f in files:
-        with Image.open(f) as img:
-            out.append(prep(img.convert("RGB")))
-    return torch.stack(out)
+    return torch.stack([(preprocess_image_file(f, size) + 1) / 2 for f in files])
 
 
 def features(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [0, 1] -> classifier features [N, H*W]: grayscale, minus the image's median
-    (its background), clipped at 0 and scaled to a maximum of 1, so that a grey background or a
-    dim stroke does not decide the class (the accuracy on real digits is the same either way)."""
-    x = images.float().mean(1).flatten(1).numpy()
-    x = np.clip(x - np.median(x, axis=1, keepdims=True), 0, None)
-    peak = x.max(axis=1, keepdims=True)
-    return x / np.where(peak > 0, peak, 1)
+    """[N, 3, H, W] in [0, 1] -> classifier features [N, H*W] (features.pixel_features, as numpy)."""
+    from .features import pixel_features
+
+    return pixel_features(images).numpy()
 
 
 # ---- classifier ----------------------------------------------------------------------------------

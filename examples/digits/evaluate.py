@@ -12,7 +12,14 @@
    VAE). It is never trained on generated images.
 3. Caption -> image: N images per class from one caption template, decoded with the VAE, classified.
 4. Image -> caption: held-out digits, VAE-encoded, captioned greedily; the digit is parsed from the text.
-5. OUT/grid.png (rows = classes), OUT/loss_curve.png (from RUN/metrics.jsonl), OUT/results.json.
+5. FD-digits: the Fréchet distance between generated and real held-out digits on the classifier's
+   features (its 45 one-vs-one decision values; examples/digits/features.py), beside the same
+   distance for the VAE reconstructions (what a perfect model reaches); CIDEr and BLEU-4 of the
+   captions against every training template's caption of the digit (inference/text_scores.py).
+6. OUT/grid.png (rows = classes), OUT/loss_curve.png (from RUN/metrics.jsonl), OUT/results.json,
+   and OUT/digits.pt2 + OUT/manifest.jsonl, with which `python -m inference.evaluate OUT/model
+   --manifest OUT/manifest.jsonl --feature-net OUT/digits.pt2` scores the model again (FD-digits,
+   CIDEr / BLEU, accuracy) with the general command.
 
 A run with `model.image_representation: tokens` (the discrete baseline) is evaluated the same way
 with DATA/vq (data_prep.train_vq) in place of the VAE: images are VQ code grids, sampled token by
@@ -32,10 +39,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from inference.image_scores import FeatureNet, Frechet
+from inference.text_scores import caption_scores
+
 from .classifier import (
     DIGIT_WORDS, DigitClassifier, features, load_pixels, parse_digit, per_class, read_metrics, save_class_grid,
     save_loss_curve, train_classifier,
 )
+from .features import save_feature_net
 
 __all__ = ["DigitClassifier", "EvalSettings", "EvaluationError", "evaluate", "features", "load_pixels", "main",
            "parse_digit", "report"]
@@ -190,13 +201,14 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     # 3. caption -> image
     t = time.time()
     template, held_out = pick_template(paths["train"])
+    out.mkdir(parents=True, exist_ok=True)
+    net = FeatureNet(save_feature_net(clf.model, out / "digits.pt2", size), size)
     gen_latents, gen_labels = generate_images(gen, template, s)
     images = gen.decode_images(gen_latents)
     img_pred = clf.predict(features(images))
     c2i = per_class(img_pred.tolist(), gen_labels) | {
         "template": template, "template_held_out": held_out,
         "prompts": [caption(template, d) for d in range(10)], "predictions": img_pred.tolist()}
-    out.mkdir(parents=True, exist_ok=True)
     grid = save_class_grid(images, gen_labels, img_pred, s.images_per_class, out / "grid.png")
     seconds["caption_to_image"] = time.time() - t
 
@@ -212,7 +224,16 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
                      for k, x, p in zip(pick.tolist(), texts, parsed) if k in first_two]}
     seconds["image_to_caption"] = time.time() - t
 
-    # 5. loss curve, results
+    # 5. FD-digits, CIDEr / BLEU
+    t = time.time()
+    fd = {"generated": frechet(net, real, images), "vae_reconstructions": frechet(net, real, recon),
+          "real_digits": len(real), "generated_digits": len(images)}
+    refs = references(template if held_out else None)
+    cap_scores = caption_scores(dict(enumerate(texts)), {k: refs[int(labels[j])] for k, j in enumerate(pick.tolist())})
+    write_manifest(out / "manifest.jsonl", rows, c2i["prompts"], s.images_per_class, refs)
+    seconds["scores"] = time.time() - t
+
+    # 6. loss curve, results
     metrics_path, loss_png, final = root / "metrics.jsonl", None, None
     if metrics_path.is_file() and (metric_rows := read_metrics(metrics_path)):
         loss_png = str(save_loss_curve(metric_rows, out / "loss_curve.png", f"{run} (step {inf.source['step']})"))
@@ -221,13 +242,42 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     results = {
         "run": str(run), "checkpoint": inf.source["checkpoint"], "step": inf.source["step"], "data": str(data),
         "settings": asdict(s), "classifier": clf_report, "caption_to_image": c2i, "image_to_caption": i2c,
-        "targets": TARGETS, "passed": {k: (c2i if k == "caption_to_image" else i2c)["accuracy"] >= v for k, v in TARGETS.items()},
+        "fd_digits": fd, "captions": cap_scores, "targets": TARGETS, "passed": {k: (c2i if k == "caption_to_image" else i2c)["accuracy"] >= v for k, v in TARGETS.items()},
         "final_metrics": final, "files": {"model": str(out / "model"), "grid": str(grid), "loss_curve": loss_png,
-                                          "results": str(out / "results.json")},
+                                          "results": str(out / "results.json"), "feature_net": str(out / "digits.pt2"),
+                                          "manifest": str(out / "manifest.jsonl")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def frechet(net: FeatureNet, real: torch.Tensor, other: torch.Tensor) -> float:
+    """FD-digits between two image sets [N, 3, H, W] in [0, 1] (inference.image_scores.Frechet)."""
+    f = Frechet("fd_digits", net, resolution=real.shape[-1])
+    f.add(real, real=True)
+    f.add(other, real=False)
+    return f.compute()
+
+
+def references(held_out: str | None) -> dict[int, list[str]]:
+    """Reference captions per digit: its caption in every template training used."""
+    from .prepare import TEMPLATES
+
+    return {d: [caption(t, d) for t in TEMPLATES if t != held_out] for d in range(10)}
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]], prompts: list[str], per_class: int,
+                   refs: dict[int, list[str]]) -> Path:
+    """inference.evaluate's manifest of this evaluation: the caption prompts (per_class per digit)
+    and the real held-out digits with their reference captions."""
+    with open(path, "w") as f:
+        for d, p in enumerate(prompts):
+            f.writelines(json.dumps({"caption": p, "label": d}) + "\n" for _ in range(per_class))
+        for r in rows:
+            f.write(json.dumps({"image": str(Path(r["file"]).resolve()), "label": int(r["label"]),
+                                "references": refs[int(r["label"])]}) + "\n")
+    return path
 
 
 def _spread(labels: np.ndarray, n: int) -> np.ndarray:
@@ -264,9 +314,16 @@ def report(r: dict[str, Any]) -> str:
     shown = {e["label"]: e for e in reversed(i2c["examples"])}
     if shown:
         lines.append("                   e.g. " + "; ".join(f"{d} -> \"{shown[d]['caption']}\"" for d in sorted(shown)[1::3]))
+    fd, cap = r["fd_digits"], r["captions"]
+    lines += [
+        f"  FD-digits        {fd['generated']:.3g} for {fd['generated_digits']} generated vs {fd['real_digits']} real held-out "
+        f"digits (VAE reconstructions: {fd['vae_reconstructions']:.3g}; lower is better)",
+        f"  captions         CIDEr {cap['cider']:.3f}, BLEU-4 {cap['bleu4']:.3f} against the training templates' captions",
+    ]
     f = r["files"]
     lines += [f"  grid             {f['grid']}", f"  loss curve       {f['loss_curve'] or '(no metrics.jsonl in the run)'}",
-              f"  results          {f['results']}", f"  inference model  {f['model']}"]
+              f"  results          {f['results']}", f"  inference model  {f['model']}",
+              f"  re-score with    python -m inference.evaluate {f['model']} --manifest {f['manifest']} --feature-net {f['feature_net']}"]
     return "\n".join(lines)
 
 
