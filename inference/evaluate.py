@@ -1,13 +1,13 @@
 """Sample from a model and score it the paper's way: FID / FD, CLIP score, CIDEr / BLEU, accuracy, perplexity.
 
-    python -m inference.evaluate MODEL --manifest eval.jsonl [--suite auto | fid,fd,accuracy,clip,captions,ppl]
+    python -m inference.evaluate MODEL (--manifest eval.jsonl | --shards HELDOUT_DIR ...) [--suite auto | fid,fd,accuracy,clip,captions,ppl]
         [--inception pt_inception-2015-12-05-6726825d.pth] [--feature-net NET.pt2 [--feature-name NAME]]
         [--clip CLIP_DIR] [--samples N] [--steps 50 --sampler ddim --cfg-scale 5] [--out DIR]
     torchrun --nproc-per-node 8 -m inference.evaluate MODEL ...     # each rank samples its share
 
 MODEL is an inference folder (`inference.convert`), or a checkpoint / run folder that is converted
-into OUT/model first (with --tokenizer, --vae, --ema as for inference.convert). The manifest
-(inference/eval_set.py) gives caption prompts, reference images and texts. `--suite auto` runs
+into OUT/model first (with --tokenizer, --vae, --ema as for inference.convert). A manifest or
+held-out shard sets (inference/eval_set.py) give caption prompts, reference images and texts. `--suite auto` runs
 every metric whose inputs are given. Sample i is drawn from seed `--seed + i` in any batch and on
 any rank, so a sharded run scores the same samples as one process; feature sums, counts and
 captions are reduced over ranks and rank 0 writes OUT/results.json, OUT/results.md,
@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .eval_set import EvalSet, ManifestError, read_manifest, shard
-from .image_scores import ClipScore, FeatureNet, Frechet, ScoreError, check_inception
+from .eval_set import EvalSet, ManifestError, Reference, read_manifest, read_shards, shard
+from .image_scores import ClipScore, FeatureNet, Frechet, ScoreError, check_inception, file_identity
 from .text_scores import caption_scores, perplexity, text_nll
 
 METRICS = ("fid", "fd", "accuracy", "clip", "captions", "ppl")
@@ -63,7 +63,7 @@ def choose_suite(asked: str, data: EvalSet, inception: str | None, feature_net: 
                      "a --feature-net that returns class ids and a 'label' on every caption prompt"),
         "clip": (clip is not None and bool(data.prompts), "--clip DIR and caption prompts"),
         "captions": (bool(data.referenced), "reference images with 'references' (or 'caption')"),
-        "ppl": (bool(data.texts), "'text' rows in the manifest"),
+        "ppl": (bool(data.texts), "'text' rows in the manifest or a text --shards set"),
     }
     if asked == "auto":
         suite = [m for m in METRICS if have[m][0]]
@@ -131,19 +131,27 @@ class Run:
 
     def reference_statistics(self) -> None:
         """Reference features of each Fréchet score: from the cache, or this rank's share then cached."""
-        from .images import preprocess_image_file
-
-        t0 = time.time()
-        paths = [r.image for r in self.data.images]
+        t0, refs = time.time(), self.data.images
+        identities = [file_identity(r.image) if r.image is not None else r.source for r in refs]
         for f in self.frechets.values():
-            file = f.cache_file(self.stats_cache, paths)
+            file = f.cache_file(self.stats_cache, identities)
             if f.load_reference(file, self.rank):
                 continue
-            mine = shard(paths, self.rank, self.world)
+            mine = shard(refs, self.rank, self.world)
             for b in range(0, len(mine), 64):
-                f.add(torch.stack([(preprocess_image_file(p, self.res) + 1) / 2 for _, p in mine[b:b + 64]]), real=True)
+                f.add(self._pixels([r for _, r in mine[b:b + 64]]), real=True)
             f.save_reference(file, self.rank)
         self.seconds["reference_statistics"] = time.time() - t0
+
+    def _pixels(self, refs: list[Reference]) -> torch.Tensor:
+        """Reference images [N, 3, H, W] in [0, 1]: files preprocessed like training images, shard
+        latents decoded by the VAE."""
+        from .images import preprocess_image_file
+
+        if all(r.latent is not None for r in refs):
+            return self.gen.decode_images(torch.stack([r.latent for r in refs]))
+        return torch.cat([self.gen.decode_images(r.latent[None]) if r.latent is not None
+                          else (preprocess_image_file(r.image, self.res)[None] + 1) / 2 for r in refs])
 
     def caption_images(self) -> list[tuple[int, str]]:
         """Image -> caption (greedy) for this rank's reference images."""
@@ -156,16 +164,17 @@ class Run:
         out: list[tuple[int, str]] = []
         for b in range(0, len(mine), s.batch_size):
             chunk = mine[b:b + s.batch_size]
-            results = self.gen.generate([[ImagePart(path=str(r.image))] for _, r in chunk], cfg)
+            parts = [ImagePart(latent=r.latent) if r.latent is not None else ImagePart(path=str(r.image)) for _, r in chunk]
+            results = self.gen.generate([[p] for p in parts], cfg)
             out += [(i, (r.text or "").strip()) for (i, _), r in zip(chunk, results)]
         self.seconds["caption_images"] = time.time() - t0
         return out
 
     def text_likelihood(self) -> tuple[float, int]:
         t0 = time.time()
-        if self.gen.tokenizer is None:
+        if self.gen.tokenizer is None and any(isinstance(t, str) for t in self.data.texts):
             raise EvaluateError("perplexity needs the folder's tokenizer (convert with --tokenizer)")
-        docs = [self.gen.tokenizer.encode(t) for _, t in shard(self.data.texts, self.rank, self.world)]
+        docs = [self.gen.tokenizer.encode(t) if isinstance(t, str) else t for _, t in shard(self.data.texts, self.rank, self.world)]
         nll = text_nll(self.gen.model, docs, self.s.batch_size)
         self.seconds["perplexity"] = time.time() - t0
         return nll
@@ -242,7 +251,7 @@ def markdown(results: dict[str, Any]) -> str:
     n = results["counts"]
     over = {"accuracy": "samples", "clip_score": "samples", "cider": "captions", "bleu4": "captions",
             "text_ppl": "text_tokens", "text_nll": "text_tokens"}
-    lines = [f"Evaluation of `{results['model']}` on `{results['manifest']}`", "",
+    lines = [f"Evaluation of `{results['model']}` on {', '.join(f'`{x}`' for x in results['data'])}", "",
              "| metric | value | over |", "|---|---:|---|"]
     for k, v in results["metrics"].items():
         if k in ("bleu1", "bleu2", "bleu3"):
@@ -269,7 +278,8 @@ def write_results(run: Run, results: dict[str, Any]) -> None:
         with open(out / "captions.jsonl", "w") as f:
             for i, text in run.captions:
                 r = run.data.referenced[i]
-                f.write(json.dumps({"image": str(r.image), "caption": text, "references": r.references}) + "\n")
+                image = str(r.image) if r.image is not None else r.source
+                f.write(json.dumps({"image": image, "caption": text, "references": r.references}) + "\n")
         results["files"]["captions"] = str(out / "captions.jsonl")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
@@ -298,7 +308,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
     t0 = time.time()
     rank, world = dist.get_rank() if dist.is_initialized() else 0, dist.get_world_size() if dist.is_initialized() else 1
-    data = read_manifest(args.manifest)
+    if not (args.manifest or args.shards):
+        raise EvaluateError("give --manifest FILE or --shards DIR (held-out shard sets): nothing to evaluate on")
+    data = read_manifest(args.manifest) if args.manifest else EvalSet()
+    for folder in args.shards:
+        data.extend(read_shards(folder, args.limit))
     if args.inception is not None:
         check_inception(args.inception)
     out = Path(args.out)
@@ -313,7 +327,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     scored = run.scores()
     if rank != 0:
         return None
-    results = {"model": str(folder), "manifest": str(args.manifest), "suite": suite, "world_size": world,
+    results = {"model": str(folder), "data": [x for x in [args.manifest, *args.shards] if x], "suite": suite, "world_size": world,
                "settings": asdict(s), **scored, "seconds": {k: round(v, 1) for k, v in run.seconds.items()},
                "files": {"results": str(out / "results.json"), "table": str(out / "results.md")}}
     results["seconds"]["total"] = round(time.time() - t0, 1)
@@ -324,7 +338,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m inference.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="inference folder, or a checkpoint / run folder (converted into OUT/model)")
-    ap.add_argument("--manifest", required=True, help="JSON lines: caption prompts, reference images, texts (inference/eval_set.py)")
+    ap.add_argument("--manifest", default=None, help="JSON lines: caption prompts, reference images, texts (inference/eval_set.py)")
+    ap.add_argument("--shards", action="append", default=[], help="a held-out image-caption or text shard set (repeatable)")
+    ap.add_argument("--limit", type=int, default=None, help="samples read from each --shards set (default all)")
     ap.add_argument("--suite", default="auto", help=f"comma-separated among {', '.join(METRICS)}; auto: all whose inputs are given")
     ap.add_argument("--inception", default=None, help="FID: local Inception-v3 weights (torch-fidelity's pt_inception-2015-12-05)")
     ap.add_argument("--feature-net", default=None, help="FD (and accuracy): a torch.export program, images -> features (, class ids)")

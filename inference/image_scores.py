@@ -117,8 +117,9 @@ class Frechet:
 
     # ---- reference statistics, cached ------------------------------------------------------
 
-    def cache_file(self, cache_dir: Path, references: Sequence[Path]) -> Path:
-        key = {"net": self.identity, "resolution": self.resolution, "images": [file_identity(p) for p in references]}
+    def cache_file(self, cache_dir: Path, references: Sequence[Any]) -> Path:
+        """The cache file of the reference set; `references` identify its images (`file_identity` of a file)."""
+        key = {"net": self.identity, "resolution": self.resolution, "images": list(references)}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return cache_dir / f"{self.name}-{digest}.pt"
 

@@ -236,3 +236,26 @@ def test_bad_inputs_are_one_line(folder, manifest, tmp_path, capsys):
     (bad / "eval.jsonl").write_text('{"caption": "x"}\n{"image": "nope.png"}\n')
     export(ChannelStats(), bad / "stats.pt2", 16)
     assert "eval.jsonl:2 names image" in error(manifest_dir=bad)
+
+
+def test_prompts_references_and_texts_from_heldout_shards(folder, manifest, tmp_path):
+    """Image-caption shards give prompts and (VAE-decoded) references, text shards their ids."""
+    from streaming import LocalDataset
+
+    from inference.loading import load_inference_model
+    from tests.helpers import write_shards
+
+    write_shards(tmp_path / "shards", n_images=4, n_texts=4)
+    out = tmp_path / "out"
+    assert evaluate_main([str(folder), "--shards", str(tmp_path / "shards" / "images"), "--shards", str(tmp_path / "shards" / "text"),
+                          "--limit", "3", "--feature-net", str(manifest / "stats.pt2"), "--steps", "2", "--batch-size", "2",
+                          "--max-caption-tokens", "4", "--out", str(out), "--stats-cache", str(tmp_path / "c")]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["suite"] == ["fd", "captions", "ppl"]
+    assert r["counts"]["samples"] == r["counts"]["reference_images"] == r["counts"]["captions"] == 3
+    texts = LocalDataset(str(tmp_path / "shards" / "text"))
+    docs = [[int(t) for t in texts[i]["tokens"][1:-1]] for i in range(3)]
+    nll, n = text_nll(load_inference_model(folder)[0].eval(), docs)
+    assert r["counts"]["text_tokens"] == n and r["metrics"]["text_nll"] == pytest.approx(nll / n, rel=1e-5)
+    refs = [json.loads(x)["references"] for x in (out / "captions.jsonl").read_text().splitlines()]
+    assert refs == [["caption 0"], ["caption 1"], ["caption 2"]]
