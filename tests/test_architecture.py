@@ -16,7 +16,7 @@ ALLOWED = {
     "data_prep": ("config", "model.image_prep", "model.tokenizer", "model.vq"),
     "parallel": ("config", "model", "kernels"),
     "trainer": ("config", "model", "parallel", "data_prep.schema", "data_prep.megatron_reader"),
-    "inference": ("config", "model", "trainer.checkpoint_files", "trainer.checkpoint_weights"),
+    "inference": ("config", "model", "data_prep.schema", "trainer.checkpoint_files", "trainer.checkpoint_weights"),
     "planner": ("config", "model", "kernels", "parallel", "trainer"),  # a tool above the library
 }
 PROJECT = set(ALLOWED) | {"examples", "tests", "benchmarks"}
