@@ -323,7 +323,8 @@ def report(r: dict[str, Any]) -> str:
     f = r["files"]
     lines += [f"  grid             {f['grid']}", f"  loss curve       {f['loss_curve'] or '(no metrics.jsonl in the run)'}",
               f"  results          {f['results']}", f"  inference model  {f['model']}",
-              f"  re-score with    python -m inference.evaluate {f['model']} --manifest {f['manifest']} --feature-net {f['feature_net']}"]
+              f"  re-score with    python -m inference.evaluate {f['model']} --manifest {f['manifest']} --feature-net {f['feature_net']} "
+              f"--steps {r['settings']['steps']} --sampler {r['settings']['sampler']} --cfg-scale {r['settings']['cfg_scale']:g}"]
     return "\n".join(lines)
 
 
