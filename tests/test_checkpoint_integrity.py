@@ -207,3 +207,18 @@ def test_package_sources_hold_no_unsafe_loads():
              for i, line in enumerate(path.read_text().splitlines(), 1)
              for what, rx in patterns.items() if rx.search(line)]
     assert not found, found
+
+
+def test_an_unfinished_save_is_removed_at_start_up_and_the_run_resumes(tiny_cfg, capsys):
+    """A `.tmp_step_N` left by a save killed mid-write is deleted (and logged) when the next run starts."""
+    run_to(tiny_cfg, 2)
+    root = tiny_cfg.output_dir / "checkpoints"
+    leftover = root / ".tmp_step_00000007"  # a later step this run never saves again
+    leftover.mkdir()
+    (leftover / "rank_00000.pt").write_bytes(b"\0" * 1000)
+    capsys.readouterr()
+    tiny_cfg.train.steps = 3
+    train(tiny_cfg)
+    out, err = capsys.readouterr()
+    assert not leftover.exists() and f"removed {leftover}" in err and "resuming at step 2" in out
+    assert [p.name for p in checkpoint_dirs(root)] == ["step_00000002", "step_00000003"]

@@ -80,6 +80,18 @@ def checkpoint_dirs(root: Path, complete_only: bool = True) -> list[Path]:
                   if _STEP_DIR.match(p.name) and (not complete_only or checkpoint_format(p) is not None))
 
 
+def remove_unfinished_saves(root: Path) -> list[Path]:
+    """Delete the `.tmp_step_N` folders a killed save left (never loaded; ~84 GB each at 7B), logging each.
+    Runs once at start-up, after the resume decision, before this run saves anything."""
+    removed = []
+    for tmp in sorted(root.glob(".tmp_step_*")) if root.is_dir() else []:
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp} ({size / 2**30:.2f} GiB): an unfinished save of an earlier run", file=sys.stderr, flush=True)
+        removed.append(tmp)
+    return removed
+
+
 def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
@@ -227,6 +239,8 @@ class CheckpointManager:
         loaded, or None when there is nothing to resume from."""
         found = _first_usable(str(resume if resume is not None else self.cfg.resume), self.root, self._load_from)
         self.resumed_from = None if found is None else found[0]
+        if _rank() == 0:
+            remove_unfinished_saves(self.root)
         return self.resumed_from
 
     def _load_from(self, path: Path) -> None:
