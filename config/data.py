@@ -52,6 +52,7 @@ class DataConfig:
     image_first_max_t: int = 500
     max_waiting_images: int = 4  # image documents the packer may hold back before padding a row
     prefetch: int = 2  # steps of micro-batches built ahead in a background thread (trainer/prefetch.py); 0: off
+    prepare: str = ""  # the command that makes this config's shards, named when they are missing ("": the data_prep tool)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def validate(self, m: ModelConfig, seq_len: int, num_timesteps: int) -> None:
@@ -104,12 +105,12 @@ PREPARE_COMMAND = {
 }
 
 
-def check_stream_shards(streams: list[StreamConfig], key: str = "data.streams") -> None:
+def check_stream_shards(streams: list[StreamConfig], key: str = "data.streams", prepare: str = "") -> None:
     """Refuse local streams (under config key `key`) whose shard index is missing, before a model or
     GPU is touched.
 
     Remote streams (`remote:` set) are not checked: that would need the network, and `path` is
-    only their cache folder.
+    only their cache folder. `prepare` (data.prepare) is the command the error names, when set.
     """
     for i, st in enumerate(streams):
         if st.remote is not None:
@@ -127,7 +128,7 @@ def check_stream_shards(streams: list[StreamConfig], key: str = "data.streams") 
         if root.is_dir() and any(root.glob("part-*")):
             hint = f"merge the workers' parts with `python -m data_prep.merge_index {root}`"
         else:
-            hint = f"prepare it with `{PREPARE_COMMAND[st.kind].format(out=root)}`"
+            hint = f"prepare it with `{prepare or PREPARE_COMMAND[st.kind].format(out=root)}`"
         off = " (or turn evaluation off: eval.every=0)" if key.startswith("eval.") else ""
         raise ConfigError(
             f"{key}[{i}] ({st.kind} stream) has no shards: {index.absolute()} does not exist; "

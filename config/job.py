@@ -67,9 +67,9 @@ class Config:
         require(self.checkpoint.max_bad_steps >= 1, "checkpoint.max_bad_steps must be >= 1")
         self.eval.validate(d, m, self.diffusion.num_timesteps)
         if d.source == "streaming":  # last: a config with a typo fails on the typo, not on the data
-            check_stream_shards(d.streams)
+            check_stream_shards(d.streams, prepare=d.prepare)
             if self.eval.enabled:
-                check_stream_shards(self.eval.streams, "eval.streams")
+                check_stream_shards(self.eval.streams, "eval.streams", d.prepare)
 
     @property
     def output_dir(self) -> Path:

@@ -85,6 +85,15 @@ def test_synthetic_stays_an_explicit_choice_without_data_root(monkeypatch):
         load_config(REPO / "configs" / "7b.yaml", ["data.streams=[{path: /nowhere/img, kind: image}]"])
 
 
+def test_the_tiny_configs_missing_shards_name_the_embedded_default_command(tmp_path, monkeypatch):
+    """tiny.yaml's shards come from examples.digits.prepare (data.prepare), not from the data_prep tools."""
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["eval.every=0"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(REPO / "configs" / "tiny.yaml", extra)
+        assert "`python -m examples.digits.prepare --out outputs/embedded_default`" in str(e.value)
+
+
 def test_missing_shards_name_the_stream_path_and_command(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     with pytest.raises(ConfigError) as e:
