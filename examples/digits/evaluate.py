@@ -226,7 +226,7 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
 
     # 5. FD-digits, CIDEr / BLEU
     t = time.time()
-    fd = {"generated": frechet(net, real, images), "vae_reconstructions": frechet(net, real, recon),
+    fd = {**dict(zip(("generated", "vae_reconstructions"), frechet(net, real, [images, recon]))),
           "real_digits": len(real), "generated_digits": len(images)}
     refs = references(template if held_out else None)
     cap_scores = caption_scores(dict(enumerate(texts)), {k: refs[int(labels[j])] for k, j in enumerate(pick.tolist())})
@@ -252,12 +252,17 @@ def evaluate(run: str | Path, data: str | Path, out: str | Path | None = None,
     return results
 
 
-def frechet(net: FeatureNet, real: torch.Tensor, other: torch.Tensor) -> float:
-    """FD-digits between two image sets [N, 3, H, W] in [0, 1] (inference.image_scores.Frechet)."""
+def frechet(net: FeatureNet, real: torch.Tensor, others: list[torch.Tensor]) -> list[float]:
+    """FD-digits of each image set [N, 3, H, W] in [0, 1] against `real` (inference.image_scores.Frechet);
+    the real features are extracted once (the metric keeps them across `reset`)."""
     f = Frechet("fd_digits", net, resolution=real.shape[-1])
     f.add(real, real=True)
-    f.add(other, real=False)
-    return f.compute()
+    out = []
+    for other in others:
+        f.metric.reset()
+        f.add(other, real=False)
+        out.append(f.compute())
+    return out
 
 
 def references(held_out: str | None) -> dict[int, list[str]]:
