@@ -87,7 +87,7 @@ def remove_unfinished_saves(root: Path) -> list[Path]:
     for tmp in sorted(root.glob(".tmp_step_*")) if root.is_dir() else []:
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"removed {tmp} ({size / 2**30:.2f} GiB): an unfinished save of an earlier run", file=sys.stderr, flush=True)
+        sys.stderr.write(f"removed {tmp} ({size / 2**30:.2f} GiB): an unfinished save of an earlier run\n")
         removed.append(tmp)
     return removed
 
@@ -128,7 +128,7 @@ def _gather_dicts(mine: dict) -> dict:
 def _warn(message: str) -> None:
     """A loud warning, once per job (rank 0), on stderr."""
     if _rank() == 0:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"WARNING: {message}\n")
 
 
 def weights_finite(engine: TrainingEngine) -> bool:

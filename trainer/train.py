@@ -186,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         train(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        # one write per line: ranks share stderr, and print() sends the newline in a second write
+        sys.stderr.write(f"config error: {e}\n")
         return 2
     except Preempted as e:
         return e.exit_code
     except TrainingDiverged as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+        sys.stderr.write(f"training stopped: {e}\n")
         return 3
     finally:
         if dist.is_initialized():
