@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume after SIGKILL, SIGUSR1 -> save + requeue exit, skipped non-finite
+"""Checkpoints: exact resume after SIGKILL, SIGUSR1 -> save + requeue exit (also when it arrives
+during start-up), SIGTERM -> save + stop, skipped non-finite
 steps, half-written checkpoints never loaded, unsafe config changes refused."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from config import ConfigError
 from tests.conftest import REPO
 from tests.helpers import checkpoint_manager
 from trainer.checkpoint import checkpoint_dirs, resolve_resume
-from trainer.preemption import REQUEUE_EXIT_CODE, TrainingDiverged
+from trainer.preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, TrainingDiverged
 from trainer.train import make_engine, train
 
 SMALL = ["model.n_layers=2", "train.batch_size=2", "train.seq_len=128", "model.max_seq_len=128",
@@ -79,6 +80,49 @@ def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
     assert f"resuming at step {step}" in out and max(losses_by_step(tmp_path)) == step + 2
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one wandb run, resumed
+
+
+def test_sigterm_saves_and_stops_without_requeue(tmp_path):
+    """scancel sends TERM: save the step, but leave no REQUEUE marker (cancel means cancel)."""
+    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0")
+    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == STOP_EXIT_CODE, err[-2000:]
+    step = max(losses_by_step(tmp_path))
+    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
+    assert f"stop signal (SIGTERM): saved step {step}" in out and "without requeue" in out
+    assert not (tmp_path / "REQUEUE").exists()
+
+
+def sig_caught(pid: int, sig: signal.Signals) -> bool:
+    fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return bool(int(fields["SigCgt"], 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("how", ["trainer", "launcher"])
+def test_a_usr1_during_start_up_is_honoured(tmp_path, how):
+    """trainer: USR1 while the trainer still imports torch (its handler is the first thing it installs);
+    launcher: USR1 to the node launcher before any trainer existed (slurm/launch_node.sh writes it down).
+    Either way the run trains one step, saves it and exits for requeue; started with USR1 ignored, as
+    under slurm/launch_node.sh, a lost signal would leave it training all 20 steps."""
+    signal_file = tmp_path / "signals"
+    if how == "launcher":
+        signal_file.write_text("USR1\n")
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny.yaml"),
+           *SMALL, f"train.output_dir={tmp_path}", "train.steps=20", "checkpoint.interval=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFUSION_SIGNAL_FILE": str(signal_file)}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    if how == "trainer":
+        while not sig_caught(proc.pid, signal.SIGUSR1) and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-2000:]
+    assert "SIGUSR1 arrived during start-up" in out, out
+    assert (tmp_path / "REQUEUE").read_text() == "1\n" and max(losses_by_step(tmp_path)) == 1
 
 
 def test_kill_during_async_save_leaves_previous_checkpoint_usable(tmp_path):
@@ -176,7 +220,7 @@ def test_a_preemption_during_skipped_steps_saves_and_requeues(tiny_cfg, monkeypa
     from trainer.preemption import Preempted, PreemptionWatcher
 
     poison_latents(monkeypatch)
-    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: True)
+    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: signal.SIGUSR1)
     tiny_cfg.checkpoint.enabled = True
     tiny_cfg.checkpoint.max_bad_steps = 5
     with pytest.raises(Preempted):
@@ -198,7 +242,7 @@ def test_preempted_run_with_prefetch_resumes_bitwise_like_an_uninterrupted_run(t
     cfg.train.steps, cfg.train.grad_accum, cfg.data.prefetch = 6, 2, 0
     want = [(m["loss"], m["grad_norm"]) for m in train(cfg)]  # uninterrupted, no prefetch
     calls = iter(range(1, 1000))
-    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: next(calls) == 3)  # after step 3
+    monkeypatch.setattr(PreemptionWatcher, "requested", lambda self: signal.SIGUSR1 if next(calls) == 3 else None)  # after step 3
     cfg.train.output_dir, cfg.data.prefetch = str(tmp_path / "resumed"), 3
     cfg.checkpoint.enabled, cfg.checkpoint.interval = True, 0
     with pytest.raises(Preempted):

@@ -1,11 +1,14 @@
-"""Preemption and divergence: signal-driven save-and-exit, and the exceptions the loop raises.
+"""Preemption, cancellation and divergence: signal-driven save-and-exit, and the exceptions the loop raises.
 
-SLURM sends SIGUSR1 (`--signal=USR1@T`) before the time limit and SIGTERM on preemption. The
-handler only records the signal; the loop finishes its step, saves, writes the REQUEUE marker
-(<output_dir>/REQUEUE, which slurm/pretrain_7b.sh turns into `scontrol requeue`) and exits with
-`process_exit_code()`. Ranks agree on the decision with one all-reduce per step, since a signal
-may reach only some of them. The handler replaces whatever disposition the process inherited,
-SIG_IGN included (slurm/launch_node.sh starts torchrun with USR1 ignored).
+Two signals stop a run, and they mean different things (slurm/pretrain_7b.sh):
+- SIGUSR1, the timed signal the batch script asks for (`--signal=USR1@T`) or `scancel --signal=USR1`:
+  a preemption. The loop finishes its step, saves, writes the REQUEUE marker (<output_dir>/REQUEUE,
+  which the batch script turns into `scontrol requeue`) and exits.
+- SIGTERM, what `scancel`, the time limit and SLURM's own preemption (PreemptMode=REQUEUE/CANCEL with
+  GraceTime) send: a stop. The loop finishes its step and saves, but writes no marker: cancel means
+  cancel, and where the cluster preempts with TERM, SLURM requeues the job itself.
+Handlers only record; ranks agree with one all-reduce per step, since a signal may reach only some
+of them, and TERM wins over USR1. Signals recorded before the loop (trainer/signal_record.py) count.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-__all__ = ["REQUEUE_EXIT_CODE", "Preempted", "PreemptionWatcher", "TrainingDiverged", "process_exit_code"]
+from .signal_record import STOP_SIGNALS, take
+
+__all__ = ["REQUEUE_EXIT_CODE", "STOP_EXIT_CODE", "Preempted", "PreemptionWatcher", "TrainingDiverged",
+           "process_exit_code"]
 
 REQUEUE_EXIT_CODE = 42
+STOP_EXIT_CODE = 128 + signal.SIGTERM  # saved on SIGTERM: what a shell reports for a TERM-ended process
+_PRIORITY = (None, signal.SIGUSR1, signal.SIGTERM)  # the all-reduce takes the strongest
 
 
 def process_exit_code(exit_code: int = REQUEUE_EXIT_CODE) -> int:
@@ -44,10 +52,15 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    """Records SIGUSR1/SIGTERM; `requested()` is True on every rank once any rank got one."""
+    """Records SIGUSR1/SIGTERM from its creation on, plus those recorded before (signal_record.take).
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
-        self.received: int | None = None
+    `requested()` gives every rank the strongest signal any rank got: SIGTERM, SIGUSR1 or None.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.received: signal.Signals | None = None
+        for sig in take():
+            self._note(sig)
         self._previous = {}
         for sig in signals:
             try:
@@ -55,16 +68,20 @@ class PreemptionWatcher:
             except ValueError:  # not the main thread (e.g. a notebook worker): no handler
                 pass
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+    def _note(self, sig: signal.Signals) -> None:
+        if _PRIORITY.index(sig) > _PRIORITY.index(self.received):
+            self.received = sig
 
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._note(signal.Signals(signum))
+
+    def requested(self) -> signal.Signals | None:
+        flag = torch.tensor([float(_PRIORITY.index(self.received))])
         if dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return _PRIORITY[int(flag.item())]
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

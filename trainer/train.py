@@ -12,30 +12,36 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
+if __name__ == "__main__":  # before the slow imports: a stop signal sent during start-up is kept (slurm/)
+    from trainer import signal_record
 
-from config import Config, ConfigError, load_config
-from model import PackedBatch, TransfusionModel
-from model.flops import step_model_flops
-from parallel.dims import DistEnv, ParallelDims, init_distributed, resolve_device
-from parallel.engine import NonFiniteUpdate, StepResult, TrainingEngine
-from parallel.engines import build_engine
-from parallel.parallelize import wraps_fsdp
+    signal_record.install()
 
-from .checkpoint import CheckpointManager, UnsafeToSave
-from .data import build_loader
-from .evaluation import Evaluator
-from .hardware import gpu_for_device_name
-from .metrics import MetricsLogger
-from .optim import AdamWCosine
-from .prefetch import StepPrefetcher, to_device
-from .preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged
-from .redact import redact
-from .train_state import ScheduleState, TrainState
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from config import Config, ConfigError, load_config  # noqa: E402
+from model import PackedBatch, TransfusionModel  # noqa: E402
+from model.flops import step_model_flops  # noqa: E402
+from parallel.dims import DistEnv, ParallelDims, init_distributed, resolve_device  # noqa: E402
+from parallel.engine import NonFiniteUpdate, StepResult, TrainingEngine  # noqa: E402
+from parallel.engines import build_engine  # noqa: E402
+from parallel.parallelize import wraps_fsdp  # noqa: E402
+
+from .checkpoint import CheckpointManager, UnsafeToSave  # noqa: E402
+from .data import build_loader  # noqa: E402
+from .evaluation import Evaluator  # noqa: E402
+from .hardware import gpu_for_device_name  # noqa: E402
+from .metrics import MetricsLogger  # noqa: E402
+from .optim import AdamWCosine  # noqa: E402
+from .prefetch import StepPrefetcher, to_device  # noqa: E402
+from .preemption import REQUEUE_EXIT_CODE, STOP_EXIT_CODE, Preempted, PreemptionWatcher, TrainingDiverged  # noqa: E402
+from .redact import redact  # noqa: E402
+from .train_state import ScheduleState, TrainState  # noqa: E402
 
 log = logging.getLogger("trainer")
 
@@ -61,8 +67,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
     """Run the configured training on this process's share of the layout; returns the per-step metrics
     of the latest steps (at most trainer.metrics.HISTORY_ROWS).
 
-    Resumes per `checkpoint.resume`, saves per `checkpoint.interval`, and on SIGUSR1 or SIGTERM
-    finishes the step, saves and exits with REQUEUE_EXIT_CODE (see slurm/).
+    Resumes per `checkpoint.resume`, saves per `checkpoint.interval`, and on SIGUSR1 (a preemption)
+    or SIGTERM (a cancel) finishes the step, saves and raises Preempted (trainer/preemption.py).
     """
     cfg.parallel = cfg.parallel.resolved(int(os.environ.get("WORLD_SIZE", "1")))
     env = process_env(cfg)
@@ -82,7 +88,9 @@ def train(cfg: Config) -> list[dict[str, float]]:
     _announce(engine, env, state, ckpt, cfg)
     if evaluator is not None:
         logger.event(evaluator.describe())
-    preemption, preempted = PreemptionWatcher(), False
+    preemption, stop = PreemptionWatcher(), None
+    if preemption.received is not None:
+        logger.event(f"{preemption.received.name} arrived during start-up: acting on it after the first step")
     try:
         while state.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -100,11 +108,13 @@ def train(cfg: Config) -> list[dict[str, float]]:
                 logger.record(state.step, _row(result, batches, time.perf_counter() - t0, state, cfg, env), last=last)
                 if evaluator is not None and evaluator.due(state.step, last):
                     logger.log(state.step, evaluator.run(engine))
-            preempted = preemption.requested()
-            ckpt.maybe_save(state.step, preempted, clean=state.bad_steps == 0)
-            if preempted:
-                logger.event(f"preemption signal: saved step {state.step} to {ckpt.last_saved}; exiting for requeue")
-                if env.is_main:  # tells slurm/pretrain_7b.sh to requeue (torchrun hides exit codes)
+            stop = preemption.requested()
+            ckpt.maybe_save(state.step, stop is not None, clean=state.bad_steps == 0)
+            if stop is not None:
+                requeue = stop == signal.SIGUSR1  # SIGTERM: scancel, the time limit, the cluster's preemption
+                logger.event(f"{'preemption' if requeue else 'stop'} signal ({stop.name}): saved step {state.step} "
+                             f"to {ckpt.last_saved}; exiting {'for' if requeue else 'without'} requeue")
+                if requeue and env.is_main:  # tells slurm/pretrain_7b.sh to requeue (torchrun hides exit codes)
                     (out / "REQUEUE").write_text(f"{state.step}\n")
                 break
         ckpt.wait()
@@ -116,8 +126,8 @@ def train(cfg: Config) -> list[dict[str, float]]:
     if env.is_main:
         print(f"done: {state.step} steps; outputs in {out}" + "".join(
             f"\n{what}: {where}" for what, where in (("checkpoint", ckpt.last_saved), ("wandb run", run_dir)) if where))
-    if preempted:
-        raise Preempted(REQUEUE_EXIT_CODE)
+    if stop is not None:
+        raise Preempted(REQUEUE_EXIT_CODE if stop == signal.SIGUSR1 else STOP_EXIT_CODE)
     return list(logger.history)
 
 
