@@ -21,6 +21,7 @@ from tests.parallel_worker import free_port
 
 TEMPLATE = Path(__file__).parent / "slurm" / "slurm.conf.in"
 WAITING = {"None", "Priority", "Resources", "BeginTime", "Dependency"}  # pending reasons that pass
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "salloc", "scontrol", "squeue", "sinfo", "scancel")
 
 
@@ -54,6 +55,9 @@ class Cluster:
         while (job := self.job(job_id))["JobState"] not in states:
             if job["JobState"] == "PENDING" and job.get("Reason") not in WAITING:
                 raise RuntimeError(f"job {job_id} cannot start: {job.get('Reason')}")
+            if job["JobState"] in ENDED:
+                raise RuntimeError(f"job {job_id} ended {job['JobState']} (exit {job.get('ExitCode')}) while "
+                                   f"waiting for {sorted(states)}; its log: {job.get('StdOut')}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['JobState']} ({job.get('Reason')}) after {timeout} s")
             time.sleep(0.2)

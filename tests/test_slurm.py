@@ -145,7 +145,9 @@ def test_the_timed_usr1_saves_requeues_and_resumes_bit_identically(slurm, checko
     --signal=USR1@600 within its next check (<= ~30 s); the requeued run is stopped by scancel."""
     run = checkout.parent / "run"
     job = submit(slurm, checkout, "--time=30", extra="train.steps=100000")
-    slurm.wait_for(job, {"RUNNING"})
+    while f"job {job}: 1 node(s)" not in job_log(checkout, job):  # past the batch script's time-limit check
+        assert slurm.job(job)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), job_log(checkout, job)
+        time.sleep(0.05)
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")  # 10 min - 600 s: the signal is due now
     slurm.wait_for(job, {"PENDING"})  # requeued
     saved = int((run / "REQUEUE").read_text())
