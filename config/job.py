@@ -60,6 +60,13 @@ class Config:
             "checkpoint.async_save overlaps DCP writes of parallel.engine=torch; DeepSpeed writes its "
             "partitions synchronously: set checkpoint.async_save=false",
         )
+        require(
+            p.engine != "deepspeed" or not self.checkpoint.init_from,
+            "checkpoint.init_from loads weights into parallel.engine=torch layouts only so far; fine-tune with "
+            "the torch engine (any FSDP/TP/PP layout)",
+        )
+        require(self.checkpoint.init_from is None or Path(self.checkpoint.init_from).exists(),
+                f"checkpoint.init_from={self.checkpoint.init_from} does not exist")
         require(self.logging.log_every >= 1, "logging.log_every must be >= 1")
         require(self.checkpoint.interval >= 0, "checkpoint.interval must be >= 0")
         require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1")

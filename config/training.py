@@ -40,6 +40,10 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (latest in <output_dir>/checkpoints, if any) | none | a checkpoint path
     async_save: bool = False  # overlap the write with training (DCP async_save)
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before saving and stopping; deepspeed stops at 1
+    # Start from these weights only (fresh optimizer, schedule and data): a training checkpoint step
+    # folder, an inference folder or a Hugging Face Llama folder. A checkpoint of the run's own wins.
+    init_from: str | None = None
+    init_fresh: list[str] = field(default_factory=list)  # fnmatch patterns of weights allowed to start fresh
 
 
 @dataclass

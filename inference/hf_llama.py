@@ -1,10 +1,5 @@
-"""Export the text backbone (embeddings, blocks, final norm, LM head) as a Hugging Face Llama.
-
-Our `apply_rope` rotates interleaved pairs (2i, 2i+1) of each head; HF Llama rotates halves
-(`rotate_half`: pair (i, i + D/2)). Permuting the rows of wq/wk within each head, evens first then
-odds, maps one convention onto the other (the inverse of what Meta->HF conversion undoes); q.k
-products are unchanged because q and k get the same permutation. wv/wo are untouched.
-"""
+"""Export the text backbone (embeddings, blocks, final norm, LM head) as a Hugging Face Llama folder
+(the name and RoPE-layout mapping: model/llama_names.py)."""
 
 from __future__ import annotations
 
@@ -16,25 +11,7 @@ from huggingface_hub import save_torch_state_dict
 from transformers import LlamaConfig
 
 from config import ModelConfig
-
-_BLOCK_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-
-
-def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection [n_heads * D, d_model]: per head (x0, x1, x2, ...) -> (x0, x2, ..., x1, x3, ...)."""
-    out_dim, d_in = w.shape
-    D = out_dim // n_heads
-    return w.view(n_heads, D // 2, 2, d_in).transpose(1, 2).reshape(out_dim, d_in)
+from model.llama_names import llama_state_dict
 
 
 def llama_config(cfg: ModelConfig, dtype: torch.dtype) -> LlamaConfig:
@@ -48,24 +25,6 @@ def llama_config(cfg: ModelConfig, dtype: torch.dtype) -> LlamaConfig:
         tie_word_embeddings=False, bos_token_id=t.bos, eos_token_id=t.eos, pad_token_id=t.pad,
         dtype=dtype,
     )
-
-
-def llama_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF LlamaForCausalLM names (patch codecs dropped, q/k rows permuted)."""
-    out = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    for i in range(cfg.n_layers):
-        for ours, theirs in _BLOCK_NAMES.items():
-            w = state[f"layers.{i}.{ours}"]
-            if ours == "attention.wq.weight":
-                w = interleaved_to_halves(w, cfg.n_heads)
-            elif ours == "attention.wk.weight":
-                w = interleaved_to_halves(w, cfg.kv_heads)
-            out[f"model.layers.{i}.{theirs}"] = w.contiguous()
-    return out
 
 
 def export_hf_llama(

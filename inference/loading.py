@@ -21,17 +21,15 @@ from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from config import ConfigError, DiffusionConfig, ModelConfig, from_dict, to_dict
 from model.transfusion import TransfusionModel
+from trainer.checkpoint_weights import safetensors_files, stored_shapes
 
 FORMAT = "transfusion"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.model"
 VAE_DIR = "vae"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -123,27 +121,10 @@ def save_weights(state_dict: dict[str, torch.Tensor], folder: Path, max_shard_si
 
 def weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index when the weights are sharded."""
-    index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise InferenceFolderError(f"{folder}: shards listed in {INDEX_NAME} are missing: {', '.join(missing)}")
-        return {name: folder / f for name, f in weight_map.items()}
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise InferenceFolderError(f"'{folder}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}; the conversion did not finish")
-
-
-def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from the safetensors headers (no tensor data is read)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+    try:
+        return safetensors_files(folder)
+    except ConfigError as e:
+        raise InferenceFolderError(f"{e}; the conversion did not finish") from None
 
 
 def _names(names: list[str], limit: int = 6) -> str:

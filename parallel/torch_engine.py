@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor.parallel import loss_parallel
@@ -245,3 +245,21 @@ class TorchEngine(TrainingEngine):
         # cpu_offload would leave the dict empty on every rank but 0; pipeline ranks each need theirs.
         sd = get_model_state_dict(merge_parts(self.parts), options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    def weight_names(self) -> set[str]:
+        return set(get_model_state_dict(merge_parts(self.parts)))  # local shards: no gather
+
+    def load_weights(self, full: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(merge_parts(self.parts), full, options=StateDictOptions(full_state_dict=True, strict=False))
+        self._weights_replaced()
+
+    def load_checkpoint_weights(self, folder: Path, names: set[str]) -> None:
+        model = merge_parts(self.parts)
+        state = {k: v for k, v in get_model_state_dict(model).items() if k in names}  # this layout's shards
+        dcp.load({MODEL_KEY: state}, checkpoint_id=str(folder))
+        set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+        self._weights_replaced()
+
+    def _weights_replaced(self) -> None:
+        if self.ema is not None:
+            self.ema.reset()

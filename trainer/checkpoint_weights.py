@@ -1,4 +1,5 @@
-"""What a checkpoint folder is, and its full model weights read offline (no process group, no engine).
+"""What a checkpoint folder is, and its full model weights read offline (no process group, no engine);
+and the safetensors folders weights are also kept in (inference folders, Hugging Face folders).
 
 A complete checkpoint holds the trainer's `train_state.pt` and the model + optimizer state in one
 engine's format: DCP (`.metadata` and shards, the torch engine) or DeepSpeed's partition files
@@ -8,6 +9,7 @@ converting a checkpoint never builds or imports a training engine.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,6 +21,8 @@ from config import ConfigError
 from parallel.engine import DCP, DEEPSPEED, EMA_KEY, MODEL_KEY
 
 STATE_FILE = "train_state.pt"  # written by the checkpointer in every complete checkpoint
+WEIGHTS_NAME = "model.safetensors"  # one file, or shards listed in the index (the Hugging Face layout)
+INDEX_NAME = "model.safetensors.index.json"
 ShapeCheck = Callable[[dict[str, tuple[int, ...]]], None]
 
 
@@ -82,3 +86,32 @@ def _read_deepspeed(folder: Path, check: ShapeCheck | None) -> dict[str, torch.T
     if check is not None:
         check({k: tuple(v.shape) for k, v in state.items()})
     return {k: v.clone() for k, v in state.items()}  # ZeRO-1/2 gives views of one flat buffer
+
+
+def safetensors_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a folder: from the index when the weights are sharded."""
+    from safetensors import safe_open
+
+    index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise ConfigError(f"{folder}: shards listed in {INDEX_NAME} are missing: {', '.join(missing)}")
+        return {name: folder / f for name, f in weight_map.items()}
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ConfigError(f"'{folder}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes

@@ -36,6 +36,7 @@ from .checkpoint import CheckpointManager, UnsafeToSave  # noqa: E402
 from .data import build_loader  # noqa: E402
 from .evaluation import Evaluator  # noqa: E402
 from .hardware import gpu_for_device_name  # noqa: E402
+from .init_weights import init_from  # noqa: E402
 from .metrics import MetricsLogger  # noqa: E402
 from .optim import AdamWCosine  # noqa: E402
 from .prefetch import StepPrefetcher, to_device  # noqa: E402
@@ -82,6 +83,11 @@ def train(cfg: Config) -> list[dict[str, float]]:
                              {"scheduler": ScheduleState(engine.scheduler)}, {"loader": steps},
                              dp=(env.dp_rank, env.dims.dp), total_steps=cfg.train.steps)
     ckpt.load()
+    if cfg.checkpoint.init_from:  # a fine-tune: weights only, unless the run has a checkpoint of its own
+        line = (f"checkpoint.init_from ignored: resuming this run's own {ckpt.resumed_from}" if ckpt.resumed_from
+                else init_from(engine, cfg))
+        if env.is_main:
+            print(line)
     logger = MetricsLogger(cfg.logging, out, config, enabled=env.is_main, resume_id=state.wandb_id,
                            peak_flops=_peak_flops(env))
     state.wandb_id = logger.run_id
