@@ -81,17 +81,27 @@ def _init_and_gather(cfg, env, source):
     return engine.full_state_dict()
 
 
-def test_init_from_a_one_process_checkpoint_on_two_rank_layouts(tmp_path):
-    """DCP reshards the 1-process checkpoint into FSDP2 and TP2 shards; the gathered weights are its own."""
+def test_each_source_on_two_rank_layouts(tmp_path):
+    """A 1-process checkpoint, its inference folder and its HF export into FSDP2, TP2 and PP2: DCP
+    reshards the checkpoint, the full tensors are sliced; the gathered weights are the source's."""
+    from inference.convert import convert_checkpoint
+
     cfg = layout_config([])
     engine, _, ckpt = train_and_checkpoint(cfg, tmp_path / "src", 1)
     want = engine.full_state_dict()
-    results = spawn_jobs(2, _init_and_gather, [("fsdp", ["parallel.dp_shard=2"], str(ckpt)),
-                                               ("tp", ["parallel.tp=2"], str(ckpt))], str(tmp_path))
-    for name, ranks in results.items():
-        for got in ranks:
-            assert "error" not in got, got.get("error")
-            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    convert_checkpoint(ckpt, tmp_path / "inf", hf_llama=tmp_path / "hf")
+    sources = {"ckpt": str(ckpt), "inf": str(tmp_path / "inf"), "hf": str(tmp_path / "hf")}
+    layouts = {"fsdp": ["parallel.dp_shard=2"], "tp": ["parallel.tp=2"], "pp": ["parallel.pp=2"]}
+    jobs = [(f"{layout}-{src}", overrides, path) for layout, overrides in layouts.items()
+            for src, path in sources.items() if layout == "fsdp" or src == "ckpt"]
+    for name, ranks in spawn_jobs(2, _init_and_gather, jobs, str(tmp_path)).items():
+        got = {}
+        for rank in ranks:  # a pipeline rank holds its own stages
+            assert "error" not in rank, rank.get("error")
+            got.update(rank)
+        assert got.keys() == want.keys(), name
+        loaded = [k for k in want if not name.endswith("hf") or k.startswith(BACKBONE)]
+        assert all(torch.equal(got[k], want[k]) for k in loaded), name
 
 
 def test_a_preempted_fine_tune_resumes_its_own_checkpoint_like_an_uninterrupted_one(tmp_path):
