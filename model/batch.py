@@ -39,7 +39,7 @@ class PackedBatch:
     is_image: torch.Tensor  # [B, S] bool; True at image-patch positions
     latents: torch.Tensor  # [N_img, C, h, w] clean latents, in order of appearance (row-major)
     image_slots: torch.Tensor  # [N_img, 3] int64: (row, first patch position, number of patches)
-    image_max_t: torch.Tensor  # [N_img] int64: timesteps are drawn from [0, max_t) for each image
+    image_max_t: torch.Tensor  # [N_img] int64: timesteps are drawn from [0, max_t); 0: a condition image (clean, no loss)
     position_ids: torch.Tensor  # [B, S] int64; restart at 0 at each document
     kv_lo: torch.Tensor  # [B, S] int32; query i sees keys j with kv_lo[i] <= j < kv_hi[i]
     kv_hi: torch.Tensor  # [B, S] int32
@@ -67,6 +67,11 @@ class PackedBatch:
         return dataclasses.replace(
             self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)}
         )
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """[N_img] bool: images that are noised and carry the diffusion loss (not conditions)."""
+        return self.image_max_t > 0
 
     def num_text_tokens(self) -> int:
         """Number of positions with an LM target (the denominator of the step's LM loss)."""

@@ -36,8 +36,15 @@ class NoiseSchedule:
     def sample_training_inputs(
         self, x0: torch.Tensor, max_t: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw t ~ U{0..max_t-1} and eps ~ N(0, I) per image; return (x_t, t, eps)."""
+        """Draw t ~ U{0..max_t-1} and eps ~ N(0, I) per image; return (x_t, t, eps). An image with
+        max_t 0 is a condition: x_t is the clean latent and t is 0 (its eps is drawn all the same, so
+        the other images' draws do not depend on the roles)."""
         u = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64, device=x0.device)
-        t = (u * max_t.to(x0.device).clamp(1, self.num_timesteps)).long()  # [N]
+        max_t = max_t.to(x0.device)
+        t = (u * max_t.clamp(1, self.num_timesteps)).long()  # [N]; 0 for a condition
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        return self.q_sample(x0, t, noise), t, noise
+        x_t = self.q_sample(x0, t, noise)
+        condition = max_t == 0
+        if bool(condition.any()):
+            x_t = torch.where(condition.view((-1,) + (1,) * (x0.dim() - 1)), x0, x_t)
+        return x_t, t, noise

@@ -16,7 +16,7 @@ from .transfusion import ModelOutput
 @dataclass(frozen=True)
 class LossNorm:
     """Denominators for a step of several micro-batches (and data-parallel ranks): its total number
-    of text targets and of images, so every token and every image weighs the same in the step."""
+    of text targets and of generated images, so every token and every image weighs the same in the step."""
 
     text_targets: int
     images: int
@@ -81,17 +81,21 @@ def per_image_mse(noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
 
 def transfusion_loss(
     out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor, loss_weight: float,
-    norm: LossNorm | None = None, lm_loss: LmLossSum = lm_loss_sum,
+    norm: LossNorm | None = None, lm_loss: LmLossSum = lm_loss_sum, generated: torch.Tensor | None = None,
 ) -> LossOutput:
-    """LM loss on positions with a target only; diffusion loss on image patches only.
+    """LM loss on positions with a target only; diffusion loss on generated images only
+    (`generated` [N_img] bool; None: all of them; condition images carry none).
 
-    Without `norm`, means over this batch's text targets and images; with it, this batch's sums
-    divided by the step's totals (summing the micro-batches' terms then gives the step's means).
+    Without `norm`, means over this batch's text targets and generated images; with it, this batch's
+    sums divided by the step's totals (summing the micro-batches' terms then gives the step's means).
     """
     n_text = int((text_targets != IGNORE_INDEX).sum())
     lm = lm_loss(out, text_targets, LM_CHUNK_ROWS) / max(n_text, 1)
+    noise_pred = out.noise_pred
+    if generated is not None and not bool(generated.all()):
+        noise_pred, noise = noise_pred[generated], noise[generated]
     if noise.shape[0] > 0:
-        diffusion = per_image_mse(out.noise_pred, noise).mean()
+        diffusion = per_image_mse(noise_pred, noise).mean()
     else:
         diffusion = out.noise_pred.sum() * 0.0
     if norm is not None:

@@ -75,8 +75,8 @@ class Objective:
         return self.schedule.sample_training_inputs(batch.latents, batch.image_max_t, gen)
 
     def loss(self, out: ModelOutput, text_targets: torch.Tensor, noise: torch.Tensor,
-             norm: LossNorm | None = None) -> LossOutput:
-        return transfusion_loss(out, text_targets, noise, self.loss_weight, norm, self.lm_loss)
+             norm: LossNorm | None = None, generated: torch.Tensor | None = None) -> LossOutput:
+        return transfusion_loss(out, text_targets, noise, self.loss_weight, norm, self.lm_loss, generated)
 
     def __call__(self, model: Callable[..., ModelOutput], batch: PackedBatch, step: int, micro: int,
                  norm: LossNorm | None = None) -> LossOutput:
@@ -84,4 +84,4 @@ class Objective:
         network's arguments (an engine's wrapped call)."""
         noisy, t, noise = self.inputs(batch, step, micro)
         out = model(batch.tokens, batch.position_ids, batch.kv_lo, batch.kv_hi, batch.is_image, noisy, t)
-        return self.loss(out, batch.text_targets, noise, norm)
+        return self.loss(out, batch.text_targets, noise, norm, batch.generated)

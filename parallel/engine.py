@@ -185,8 +185,8 @@ class TrainingEngine(abc.ABC):
         )
 
     def _step_norm(self, batches: list[PackedBatch]) -> LossNorm:
-        """The step's text targets and images over all micro-batches and data-parallel ranks."""
-        counts = torch.tensor([sum(b.num_text_tokens() for b in batches), sum(b.num_images for b in batches)],
+        """The step's text targets and generated images over all micro-batches and data-parallel ranks."""
+        counts = torch.tensor([sum(b.num_text_tokens() for b in batches), sum(int(b.generated.sum()) for b in batches)],
                               dtype=torch.int64, device=self.device)
         if self.env.dims.dp > 1:
             dist.all_reduce(counts, group=self.env.group("dp"))

@@ -41,6 +41,20 @@ from .parallelize import parallelize
 log = logging.getLogger(__name__)
 
 
+def pack_target(batch: PackedBatch) -> torch.Tensor:
+    """A micro-batch's loss target as one tensor (the pipeline schedule's stage set-up takes tensors
+    only): [B, S, N_img], the generated-image mask [N_img], the text targets [B * S]."""
+    B, S = batch.text_targets.shape
+    head = torch.tensor([B, S, batch.num_images], dtype=torch.int64, device=batch.text_targets.device)
+    return torch.cat([head, batch.generated.long(), batch.text_targets.flatten()])
+
+
+def unpack_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text targets [B, S], generated [N_img]) of `pack_target`."""
+    B, S, n = target[:3].tolist()
+    return target[3 + n:].view(B, S), target[3:3 + n].bool()
+
+
 def merge_parts(parts: list[nn.Module]) -> nn.Module:
     """One module whose parameter names equal the full model's, over this rank's model parts.
 
@@ -134,7 +148,7 @@ class TorchEngine(TrainingEngine):
         self._norm = norm
         first = any(part.is_first for part in self.parts)
         hooks.run_schedule(self.pm.schedule, self._loss_fn, [(b.tokens,) for b in batches] if first else None,
-                           kwarg_mbs, [b.text_targets for b in batches] if self.pm.has_last_stage else None)
+                           kwarg_mbs, [pack_target(b) for b in batches] if self.pm.has_last_stage else None)
         totals = torch.zeros(3, device=self.device)
         # Stage set-up on the first step also calls the loss function (shape inference): keep the real ones.
         for losses in self._pp_losses[-len(batches):]:
@@ -143,19 +157,21 @@ class TorchEngine(TrainingEngine):
         dist.all_reduce(totals, group=self.env.group("pp"))
         return totals
 
-    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], text_targets: torch.Tensor) -> torch.Tensor:
+    def pipeline_loss(self, outputs: tuple[torch.Tensor, ...], target: torch.Tensor | tuple) -> torch.Tensor:
         """The last stage's loss (`objective.loss` and `scaled`, as in the plain path): the stage returns
         (final-normed hidden, noise_pred, noise); the LM head is read at text-target positions only.
-        In a held-out forward the target is (targets by kind, timesteps) and the stats are summed instead."""
+        The target is `pack_target`'s (text targets, generated images); in a held-out forward it is
+        (targets by kind, timesteps) and the stats are summed instead."""
         hidden, noise_pred, noise = outputs
         head = next(part.output for part in self.parts if part.is_last)
         if self._heldout is not None:
             stats, sums = self._heldout
-            targets, timesteps = text_targets
+            targets, timesteps = target
             sums += stats(ModelOutput(noise_pred, hidden, head), targets, noise, timesteps, self.objective.lm_loss)
             return hidden.new_zeros(())  # nothing back-propagates from a held-out forward
+        text_targets, generated = unpack_target(target)
         loss, terms = self.scaled(self.objective.loss(ModelOutput(noise_pred, hidden, head), text_targets, noise,
-                                                      self._norm))
+                                                      self._norm, generated))
         self._pp_losses.append(terms)
         return loss  # summed over micro-batches (scale_grads=False)
 

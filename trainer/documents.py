@@ -1,6 +1,9 @@
 """Documents: the unit the data layer hands to the packer, and how training examples become them.
 
-A document is a list of segments, text ids or one image's latent. `DocumentBuilder` applies the
+A document is a list of segments, each with a role: text ids (trained: LM targets), `ContextText`
+(read, not learned: no LM targets, e.g. an edit instruction) or one image's latent, generated
+(noised to t < max_t, diffusion loss) or a condition (`max_t == CONDITION`: clean, t = 0, no loss,
+e.g. an edit's input image). `DocumentBuilder` applies the
 paper's recipe: caption first (80%) or image first (20%), noise limited to t < 500 when the
 image precedes its caption, and caption dropout for classifier-free guidance (10% of all pairs
 become an image alone, whatever the order drawn).
@@ -16,15 +19,25 @@ import torch
 from config import SpecialTokens
 
 
+CONDITION = 0  # ImageSegment.max_t of a condition image: the model reads it clean (t = 0), no loss
+
+
 @dataclass
 class ImageSegment:
     latent: torch.Tensor  # [C, h, w] clean latent (already sampled from the stored distribution)
-    max_t: int  # timesteps for this image are drawn from [0, max_t)
+    max_t: int  # timesteps for this image are drawn from [0, max_t); CONDITION: clean, no loss
+
+
+@dataclass
+class ContextText:
+    """Text the model reads but is not trained to write: no position predicts these ids."""
+
+    ids: np.ndarray  # [L] int64
 
 
 @dataclass
 class Document:
-    segments: list[np.ndarray | ImageSegment] = field(default_factory=list)
+    segments: list[np.ndarray | ContextText | ImageSegment] = field(default_factory=list)
     # Never split across packed rows, like a document with an image (set for VQ-token images, which
     # are plain ids to the packer but lose their caption when cut).
     keep_whole: bool = False
@@ -32,7 +45,8 @@ class Document:
     def num_positions(self, patches_per_image: int) -> int:
         """Sequence length of the document once images become BOI + patches + EOI."""
         return sum(
-            patches_per_image + 2 if isinstance(s, ImageSegment) else len(s) for s in self.segments
+            patches_per_image + 2 if isinstance(s, ImageSegment) else len(s.ids if isinstance(s, ContextText) else s)
+            for s in self.segments
         )
 
 

@@ -18,7 +18,7 @@ import torch
 from model.batch import IGNORE_INDEX, PackedBatch, span_ends
 from config import SpecialTokens
 
-from .documents import Document, ImageSegment
+from .documents import ContextText, Document, ImageSegment
 
 
 @dataclass
@@ -47,25 +47,29 @@ def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialToken
     """Lay a document out as positions: text ids, and BOI + patches + EOI per image; span ends by
     the span rule (`model.batch.span_ends`)."""
     P = patches_per_image
-    toks, img, images = [], [], []
+    toks, img, ctx, images = [], [], [], []
     pos = 0
     for seg in doc.segments:
         if isinstance(seg, ImageSegment):
             toks.append(np.array([tokens.boi] + [tokens.pad] * P + [tokens.eoi], dtype=np.int64))
             img.append(np.array([False] + [True] * P + [False]))
+            ctx.append(np.zeros(P + 2, dtype=bool))
             images.append((pos + 1, seg.latent, seg.max_t))
             pos += P + 2
         else:
-            n = len(seg)
-            toks.append(np.asarray(seg, dtype=np.int64))
+            ids = seg.ids if isinstance(seg, ContextText) else seg
+            n = len(ids)
+            toks.append(np.asarray(ids, dtype=np.int64))
             img.append(np.zeros(n, dtype=bool))
+            ctx.append(np.full(n, isinstance(seg, ContextText)))
             pos += n
     t = np.concatenate(toks) if toks else np.zeros(0, np.int64)
     is_img = np.concatenate(img) if img else np.zeros(0, bool)
-    # Next-token targets: none from or onto an image patch, none past the document's end.
+    is_ctx = np.concatenate(ctx) if ctx else np.zeros(0, bool)
+    # Next-token targets: none from or onto an image patch, none onto context text, none past the end.
     targets = np.full(len(t), IGNORE_INDEX, dtype=np.int64)
     if len(t) > 1:
-        ok = ~is_img[:-1] & ~is_img[1:]
+        ok = ~is_img[:-1] & ~is_img[1:] & ~is_ctx[1:]
         targets[:-1] = np.where(ok, t[1:], IGNORE_INDEX)
     hi = span_ends(len(t), [first for first, _, _ in images], P, image_attention)
     return FlatDoc(t, is_img, hi, targets, images)
