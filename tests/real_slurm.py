@@ -70,6 +70,9 @@ class Cluster:
         """A requeued job waits ~2 min (SLURM's BeginTime); start it now instead (with `updates`, e.g.
         TimeLimit=30, applied first)."""
         self.wait_for(job_id, {"PENDING"})
+        # slurmd refuses ("Job credential revoked") a launch credential made in the same second as
+        # the requeue's revocation: SLURM's own delay avoids that; so does waiting 2 s.
+        time.sleep(2)
         if updates:
             self.run("scontrol", "update", f"JobId={job_id}", *updates)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
