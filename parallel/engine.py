@@ -248,19 +248,6 @@ class TrainingEngine(abc.ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the whole model's state dict with plain-model names, on CPU on every rank."""
 
-    def weight_names(self) -> set[str]:
-        """Plain-model names of the weights this rank's parts hold (all of them unless pipelined)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot load weights from elsewhere (checkpoint.init_from)")
-
-    def load_weights(self, full: dict[str, torch.Tensor]) -> None:
-        """Collective: set the named weights (full tensors, plain names, a subset of `weight_names`);
-        the rest keep their values. The EMA, if any, restarts from the result."""
-        raise NotImplementedError(f"{type(self).__name__} cannot load weights from elsewhere (checkpoint.init_from)")
-
-    def load_checkpoint_weights(self, folder: Path, names: set[str]) -> None:
-        """Collective: set the named weights from a DCP checkpoint of any layout, resharded by DCP."""
-        raise NotImplementedError(f"{type(self).__name__} cannot load weights from elsewhere (checkpoint.init_from)")
-
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast around forward + loss when train.dtype=bf16 (fp32 master weights)."""
         if self.cfg.train.dtype == "bf16":

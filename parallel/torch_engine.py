@@ -262,14 +262,19 @@ class TorchEngine(TrainingEngine):
         sd = get_model_state_dict(merge_parts(self.parts), options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
+    # ---- weights from elsewhere (checkpoint.init_from; trainer/init_weights.py WeightLoader) -------
     def weight_names(self) -> set[str]:
+        """Plain-model names of the weights this rank's parts hold (all of them unless pipelined)."""
         return set(get_model_state_dict(merge_parts(self.parts)))  # local shards: no gather
 
     def load_weights(self, full: dict[str, torch.Tensor]) -> None:
+        """Collective: set the named weights (full tensors, plain names, a subset of `weight_names`);
+        the rest keep their values. The EMA, if any, restarts from the result."""
         set_model_state_dict(merge_parts(self.parts), full, options=StateDictOptions(full_state_dict=True, strict=False))
         self._weights_replaced()
 
     def load_checkpoint_weights(self, folder: Path, names: set[str]) -> None:
+        """Collective: set the named weights from a DCP checkpoint of any layout, resharded by DCP."""
         model = merge_parts(self.parts)
         state = {k: v for k, v in get_model_state_dict(model).items() if k in names}  # this layout's shards
         dcp.load({MODEL_KEY: state}, checkpoint_id=str(folder))

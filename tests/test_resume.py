@@ -63,15 +63,21 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
         assert sorted(evals) == [5, 10, 15, 20, 24] and evals == losses_by_step(tmp_path / "ref", key)
 
 
-def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
-    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0", "logging.wandb=offline")
-    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
+def signal_in_loop(out, sig: signal.Signals, exit_code: int, *extra: str) -> tuple[str, int]:
+    """Send `sig` once the run is in its loop; (its stdout, the step it saved as its only checkpoint)."""
+    proc = launch(out, "train.steps=100000", "checkpoint.interval=0", *extra)
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == REQUEUE_EXIT_CODE, err[-2000:]
-    step = max(losses_by_step(tmp_path))
-    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
+    proc.send_signal(sig)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == exit_code, err[-2000:]
+    step = max(losses_by_step(out))
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == [f"step_{step:08d}"]
+    return stdout, step
+
+
+def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
+    out, step = signal_in_loop(tmp_path, signal.SIGUSR1, REQUEUE_EXIT_CODE, "logging.wandb=offline")
     assert "preemption signal" in out
     run_id = torch.load(checkpoint_dirs(tmp_path / "checkpoints")[0] / "train_state.pt", weights_only=True)["wandb_id"]
     again = launch(tmp_path, f"train.steps={step + 2}", "logging.wandb=offline")
@@ -84,14 +90,7 @@ def test_sigusr1_saves_and_exits_for_requeue_and_wandb_run_continues(tmp_path):
 
 def test_sigterm_saves_and_stops_without_requeue(tmp_path):
     """scancel sends TERM: save the step, but leave no REQUEUE marker (cancel means cancel)."""
-    proc = launch(tmp_path, "train.steps=100000", "checkpoint.interval=0")
-    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == STOP_EXIT_CODE, err[-2000:]
-    step = max(losses_by_step(tmp_path))
-    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == [f"step_{step:08d}"]
+    out, step = signal_in_loop(tmp_path, signal.SIGTERM, STOP_EXIT_CODE)
     assert f"stop signal (SIGTERM): saved step {step}" in out and "without requeue" in out
     assert not (tmp_path / "REQUEUE").exists()
 

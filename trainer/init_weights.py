@@ -19,18 +19,30 @@ import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from config import Config, ConfigError, ModelConfig
 from model import TransfusionModel
 from model.llama_names import from_llama_state_dict, llama_names
-from parallel.engine import DCP, DEEPSPEED, MODEL_KEY, TrainingEngine
+from parallel.engine import DCP, DEEPSPEED, MODEL_KEY
 
 from .checkpoint import warn_untrusted_once
 from .checkpoint_weights import checkpoint_format, read_full_weights, safetensors_files, stored_shapes
 
 CHECKPOINT, INFERENCE, HF_LLAMA = "training checkpoint", "inference folder", "Hugging Face Llama folder"
+
+
+class WeightLoader(Protocol):
+    """What an engine offers to take weights from elsewhere (the torch engine; config validation
+    refuses init_from with DeepSpeed)."""
+
+    def weight_names(self) -> set[str]: ...
+
+    def load_weights(self, full: dict[str, torch.Tensor]) -> None: ...
+
+    def load_checkpoint_weights(self, folder: Path, names: set[str]) -> None: ...
 
 
 @dataclass
@@ -43,6 +55,7 @@ class WeightSource:
     foreign: list[str]  # source tensors with no counterpart in our model (always refused)
     fresh: tuple[str, ...] = ()  # weights this kind of source never has
     tensors: dict[str, torch.Tensor] | None = None  # DeepSpeed partitions, consolidated once
+    dcp: bool = False  # a DCP checkpoint: DCP reads it into the engine's own shards
 
     def read(self, names: set[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """Full tensors of `names` (our names), read from the safetensors files or DeepSpeed partitions."""
@@ -77,7 +90,7 @@ def open_source(path: Path, cfg: ModelConfig) -> WeightSource:
         meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         shapes = {k[len(prefix):]: tuple(v.size) for k, v in meta.items()
                   if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
-        return WeightSource(path, CHECKPOINT, shapes, [])
+        return WeightSource(path, CHECKPOINT, shapes, [], dcp=True)
     if fmt == DEEPSPEED:
         full = read_full_weights(path)
         return WeightSource(path, CHECKPOINT, {k: tuple(v.shape) for k, v in full.items()}, [], tensors=full)
@@ -131,7 +144,7 @@ def weights_to_load(source: WeightSource, cfg: ModelConfig, allow_fresh: list[st
     return set(model) - set(fresh), fresh
 
 
-def init_from(engine: TrainingEngine, cfg: Config) -> str:
+def init_from(engine: WeightLoader, cfg: Config) -> str:
     """Collective: load `checkpoint.init_from` into the engine's (freshly initialised) model; returns
     the line to log. Call only when the run did not resume a checkpoint of its own."""
     path = Path(cfg.checkpoint.init_from)
@@ -140,7 +153,7 @@ def init_from(engine: TrainingEngine, cfg: Config) -> str:
     mine = engine.weight_names()
     if source.kind == CHECKPOINT:
         warn_untrusted_once(path)
-    if checkpoint_format(path) == DCP:
+    if source.dcp:
         engine.load_checkpoint_weights(path, names & mine)
     else:
         engine.load_weights(source.read(names & mine, cfg.model))
