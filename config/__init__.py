@@ -5,7 +5,7 @@ import their sections from here, so no package imports another just for its conf
 """
 
 from .base import ConfigError, apply_overrides, from_dict, require, to_dict
-from .data import DataConfig, StreamConfig, SyntheticDataConfig, check_stream_shards
+from .data import DataConfig, DocumentRecipeConfig, StreamConfig, SyntheticDataConfig, check_stream_shards
 from .evaluation import EvalConfig
 from .job import Config, expand_env, load_config
 from .model import AttentionBackend, DiffusionConfig, ModelConfig, SpecialTokens
@@ -14,7 +14,7 @@ from .training import CheckpointConfig, LoggingConfig, OptimConfig, TrainSection
 
 __all__ = [
     "ConfigError", "apply_overrides", "from_dict", "require", "to_dict",
-    "DataConfig", "StreamConfig", "SyntheticDataConfig", "check_stream_shards",
+    "DataConfig", "DocumentRecipeConfig", "StreamConfig", "SyntheticDataConfig", "check_stream_shards",
     "EvalConfig", "Config", "expand_env", "load_config",
     "AttentionBackend", "DiffusionConfig", "ModelConfig", "SpecialTokens",
     "DeepSpeedConfig", "ParallelConfig",

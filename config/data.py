@@ -20,11 +20,33 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class DocumentRecipeConfig:
+    """How the parts of an interleaved stream's documents are trained (stored roles, or one role for all).
+
+    Classifier-free-guidance dropout, one draw per document: with `drop_context` its context text
+    parts are removed, with `drop_condition` its condition images, with `drop_both` both (disjoint
+    events, so an editing run trains the unconditional, image-only and instruction-only cases that
+    two guidance scales need).
+    """
+
+    text: Literal["stored", "text", "context"] = "stored"  # text parts: as stored, all trained, all context
+    image: Literal["stored", "generate", "condition"] = "stored"  # image parts: as stored, or all one role
+    drop_context: float = 0.0
+    drop_condition: float = 0.0
+    drop_both: float = 0.0
+    # A document longer than train.seq_len is cut at text positions (never through an image) into
+    # row-sized pieces; false: such a document is skipped and counted (e.g. an edit: its target
+    # image would lose its source).
+    split_long: bool = True
+
+
+@dataclass
 class StreamConfig:
     """One set of MDS shards written by data_prep/, or a Megatron-LM indexed dataset (kind: megatron)."""
 
     path: str  # local shard folder (with `remote`: the local cache folder); megatron: the .bin/.idx prefix
-    kind: Literal["image", "text", "megatron", "image_tokens"]  # image_tokens: VQ codes (image_representation=tokens)
+    # image_tokens: VQ codes (image_representation=tokens); interleaved: documents (data_prep.encode_documents)
+    kind: Literal["image", "text", "megatron", "image_tokens", "interleaved"]
     proportion: float = 1.0  # share of sequence positions (tokens) drawn from this stream
     remote: str | None = None  # object-store URL of the shards, streamed into `path` (not for megatron)
     # kind: megatron only (trainer/megatron_corpus.py):
@@ -36,6 +58,7 @@ class StreamConfig:
     # megatron-core 0.14, --legacy-tokenizer since), whose EOD is V + 2 (V = the text vocabulary): it
     # becomes EOS; the wrapper's <CLS>/<SEP>/<MASK> ids are refused (data_prep/megatron_reader.py)
     eod: Literal["eos", "legacy"] = "eos"
+    recipe: DocumentRecipeConfig = field(default_factory=DocumentRecipeConfig)  # kind: interleaved only
 
 
 @dataclass
@@ -82,7 +105,7 @@ def validate_streams(streams: list[StreamConfig], key: str, m: ModelConfig) -> N
     """Checks of each stream under `key` (data.streams, eval.streams) against the model config."""
     for i, st in enumerate(streams):
         require(st.proportion > 0, f"{key}[{i}].proportion must be positive, got {st.proportion}")
-        want = {"image": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
+        want = {"image": "latent", "interleaved": "latent", "image_tokens": "tokens"}.get(st.kind, m.image_representation)
         require(want == m.image_representation, f"{key}[{i}] is a {st.kind} stream, which needs "
                 f"model.image_representation={want} (got {m.image_representation})")
         if st.kind == "megatron":
@@ -95,6 +118,15 @@ def validate_streams(streams: list[StreamConfig], key: str, m: ModelConfig) -> N
         else:
             require(st.eod == "eos", f"{key}[{i}].eod: {st.eod} is for kind: megatron streams "
                     f"(this one is {st.kind})")
+        r = st.recipe
+        if st.kind != "interleaved":
+            require(r == DocumentRecipeConfig(), f"{key}[{i}].recipe is for kind: interleaved streams "
+                    f"(this one is {st.kind})")
+        drops = {name: getattr(r, name) for name in ("drop_context", "drop_condition", "drop_both")}
+        for name, v in drops.items():
+            require(0 <= v <= 1, f"{key}[{i}].recipe.{name} must lie in [0, 1], got {v}")
+        require(sum(drops.values()) <= 1, f"{key}[{i}].recipe: drop_context + drop_condition + drop_both = "
+                f"{sum(drops.values()):g} exceeds 1 (they are disjoint events of one draw)")
 
 
 # How each kind of stream is prepared (named in the error when its shards are missing).
@@ -102,6 +134,7 @@ PREPARE_COMMAND = {
     "image": "python -m data_prep.encode_latents --input IMAGES --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
     "text": "python -m data_prep.tokenize_text --input CORPUS --out {out} --tokenizer TOKENIZER.model",
     "image_tokens": "python -m data_prep.encode_vq_tokens --input IMAGES --out {out} --vq VQ_DIR --tokenizer TOKENIZER.model",
+    "interleaved": "python -m data_prep.encode_documents --input DOCUMENTS --out {out} --vae VAE_DIR --tokenizer TOKENIZER.model",
 }
 
 

@@ -107,9 +107,9 @@ def test_targets_are_next_text_tokens_only():
     assert b.position_ids[0, 10].item() == 0 and b.kv_lo[0, 12].item() == 10
 
 
-def test_image_document_longer_than_row_is_rejected():
+def test_image_longer_than_row_is_rejected():
     packer = SequencePacker(16, 16, TOK)
-    with pytest.raises(ValueError, match="needs 20 positions but a row holds 16"):
+    with pytest.raises(ValueError, match=r"an image takes 18 positions \(16 patches \+ BOI/EOI\) but a row holds 16"):
         packer.add(Document([np.array([1]), ImageSegment(torch.zeros(1, 4, 4), 1000), np.array([2])]))
 
 

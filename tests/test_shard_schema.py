@@ -16,7 +16,8 @@ import pytest
 from streaming import LocalDataset, MDSWriter
 
 from data_prep import merge_index
-from data_prep.schema import TEXT_COLUMNS, SchemaError, check_index, image_columns
+from data_prep.schema import (DOCUMENT_COLUMNS, TEXT_COLUMNS, SchemaError, check_index, document_parts,
+                              document_row, image_columns)
 from config import ConfigError, StreamConfig, load_config
 from trainer.data import build_loader
 from trainer.streaming import open_stream
@@ -82,7 +83,7 @@ def test_check_index_accepts_our_shards_and_refuses_anything_else(tmp_path):
         "json": ({**TEXT_COLUMNS, "key": "json"}, {"key": {"a": 1}}, r"column 'key' has encoding 'json'"),
         "int64": ({**TEXT_COLUMNS, "tokens": "ndarray:int64"}, {"tokens": np.array([1], np.int64)},
                   r"column 'tokens' has encoding 'ndarray:int64'"),
-        "missing": ({"key": "str"}, {}, r"shard 0 has columns \['key'\], neither"),
+        "missing": ({"key": "str"}, {}, r"shard 0 has columns \['key'\], which are no kind's set: image \["),
     }
     for name, (columns, override, message) in bad.items():
         sample = {"key": "a:1", "tokens": np.array([1, 7, 2], np.int32)}
@@ -95,6 +96,33 @@ def test_check_index_accepts_our_shards_and_refuses_anything_else(tmp_path):
     (tmp_path / "broken" / "index.json").write_text("{not json")
     with pytest.raises(SchemaError, match=r"cannot read index.json"):
         check_index(tmp_path / "broken")
+
+
+def test_document_shards_round_trip_parts_roles_and_per_image_shapes(tmp_path):
+    """Document rows keep their parts' order, roles, ids and latents (each image its own shape, bf16
+    and fp16), a row without images is fine, and a row whose table disagrees is one line."""
+    import torch
+
+    rng = torch.Generator().manual_seed(0)
+    small, big = torch.randn(4, 8, 8, generator=rng), torch.randn(4, 16, 12, generator=rng)
+    parts = [("condition", small, small.abs(), (20, 20)), ("context", [5, 6, 7]), ("generate", big, big.abs(), (40, 30)),
+             ("text", [8, 9])]
+    for dtype, tol in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        rows = [document_row("edit", parts, dtype), document_row("plain", [("text", [1, 2, 3])], dtype)]
+        shards = write_set(tmp_path / dtype, DOCUMENT_COLUMNS, rows)
+        assert check_index(shards, "interleaved") == "interleaved"
+        ds = LocalDataset(str(shards))
+        got = document_parts(ds[0])
+        assert [p[0] for p in got] == ["condition", "context", "generate", "text"]
+        assert got[1][1].tolist() == [5, 6, 7] and got[3][1].tolist() == [8, 9]
+        for (_, mean, std, _), (_, m, s) in ((parts[0], got[0]), (parts[2], got[2])):
+            assert m.shape == mean.shape and torch.allclose(m, mean, rtol=tol, atol=tol)
+            assert torch.allclose(s, std, rtol=tol, atol=tol)
+        assert [(r, v.tolist()) for r, v in document_parts(ds[1])] == [("text", [1, 2, 3])]
+    broken = {**rows[0], "text_ids": np.arange(3, dtype=np.int32)}
+    with pytest.raises(ValueError, match=r"^document edit: its parts table covers 5 text ids and 1024 latent values "
+                                         r"but the row holds 3 and 1024/1024$"):
+        document_parts(broken)
 
 
 def test_merge_index_refuses_a_pickled_column_in_one_line(tmp_path):

@@ -6,17 +6,20 @@ A document is a list of segments, each with a role: text ids (trained: LM target
 e.g. an edit's input image). `DocumentBuilder` applies the
 paper's recipe: caption first (80%) or image first (20%), noise limited to t < 500 when the
 image precedes its caption, and caption dropout for classifier-free guidance (10% of all pairs
-become an image alone, whatever the order drawn).
+become an image alone, whatever the order drawn). Interleaved documents keep their stored order
+and roles, or the stream's recipe (`DocumentRecipeConfig`), with its guidance dropout.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
-from config import SpecialTokens
+from config import DocumentRecipeConfig, SpecialTokens
 
 
 CONDITION = 0  # ImageSegment.max_t of a condition image: the model reads it clean (t = 0), no loss
@@ -119,3 +122,30 @@ class DocumentBuilder:
         else:
             parts = [bos, caption, image, eos]
         return Document([np.concatenate(parts)], keep_whole=True)
+
+    def interleaved(self, parts: Sequence[tuple[str, np.ndarray | torch.Tensor]], recipe: DocumentRecipeConfig,
+                    rng: np.random.Generator) -> Document:
+        """Stored parts in order, (role, ids) or (role, latent [C, h, w]) -> BOS, parts, EOS.
+
+        Roles are the stored ones unless the recipe sets one for all text or all images; one draw
+        decides the guidance dropout (context text, condition images, or both removed). A dropped
+        part is gone from the sequence, as it is from the prompt inference compares against.
+        """
+        u = rng.random()
+        a, b = recipe.drop_context, recipe.drop_context + recipe.drop_condition
+        both = b <= u < b + recipe.drop_both
+        drop = {"context": u < a or both, "condition": a <= u < b or both}
+        t = self.tokens
+        segments: list[np.ndarray | ContextText | ImageSegment] = [np.array([t.bos], dtype=np.int64)]
+        for role, value in parts:
+            if isinstance(value, torch.Tensor):
+                role = role if recipe.image == "stored" else recipe.image
+                if not drop.get(role, False):
+                    segments.append(ImageSegment(value, CONDITION if role == "condition" else self.recipe.num_timesteps))
+            else:
+                role = role if recipe.text == "stored" else recipe.text
+                ids = np.asarray(value, dtype=np.int64)
+                if not drop.get(role, False):
+                    segments.append(ContextText(ids) if role == "context" else ids)
+        segments.append(np.array([t.eos], dtype=np.int64))
+        return Document(segments, keep_whole=not recipe.split_long)

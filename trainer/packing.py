@@ -3,13 +3,17 @@
 Text-only documents are split across rows where a row fills up (the continuation restarts its
 positions in the next row). A document with an image never straddles rows: if it does not fit in
 what is left of the current row it waits in a small queue and opens the next row, while later text
-fills the current one; only when the queue is full is a row closed with padding. A document
-longer than a row that holds an image is rejected with an error naming the sizes.
+fills the current one; only when the queue is full is a row closed with padding. A document with
+images longer than a row is cut at text positions into pieces of at most a row (each cut as late as
+the row allows without cutting through an image; each piece then packs like a document), or, when
+the document is `keep_whole`, skipped and counted (`skipped`, in the packer's state, and logged):
+never truncated.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -19,6 +23,8 @@ from model.batch import IGNORE_INDEX, PackedBatch, span_ends
 from config import SpecialTokens
 
 from .documents import ContextText, Document, ImageSegment
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,11 +41,21 @@ class FlatDoc:
         return len(self.tokens)
 
     def split(self, n: int) -> tuple["FlatDoc", "FlatDoc"]:
-        """Split a text-only document after n positions; the tail's spans restart at 0."""
-        assert not self.images
-        head = FlatDoc(self.tokens[:n], self.is_image[:n], self.kv_hi[:n], self.targets[:n])
-        tail = FlatDoc(self.tokens[n:], self.is_image[n:], self.kv_hi[n:] - n, self.targets[n:])
+        """Split after n positions (not inside an image); the tail's spans and image slots restart at 0."""
+        assert 0 < n < len(self) and not self.is_image[n - 1] and not self.is_image[n], "cut through an image"
+        head = FlatDoc(self.tokens[:n], self.is_image[:n], self.kv_hi[:n], self.targets[:n],
+                       [im for im in self.images if im[0] < n])
+        tail = FlatDoc(self.tokens[n:], self.is_image[n:], self.kv_hi[n:] - n, self.targets[n:],
+                       [(first - n, lat, mt) for first, lat, mt in self.images if first > n])
         return head, tail
+
+    def cut_before(self, limit: int, patches_per_image: int) -> int:
+        """The latest cut <= limit that leaves every image (BOI, patches, EOI) whole on one side."""
+        cut = limit
+        for first, _, _ in self.images:  # image positions: [first - 1, first + P] (BOI ... EOI)
+            if first - 1 < cut <= first + patches_per_image:
+                cut = first - 1
+        return cut
 
 
 def flatten_document(doc: Document, patches_per_image: int, tokens: SpecialTokens,
@@ -119,18 +135,30 @@ class SequencePacker:
         self.fill = 0
         self.waiting: deque[FlatDoc] = deque()  # image documents that open the next row
         self.ready: deque[Row] = deque()
+        self.skipped: Counter = Counter()  # documents (and their positions) too long and not to be split
 
     def add(self, doc: Document) -> None:
         flat = flatten_document(doc, self.P, self.tokens, self.image_attention)
         if len(flat) == 0:
             return
-        if flat.images or doc.keep_whole:
-            if len(flat) > self.seq_len:
-                raise ValueError(
-                    f"a document with an image needs {len(flat)} positions but a row holds "
-                    f"{self.seq_len} (each image takes {self.P} patches + BOI/EOI); raise "
-                    f"train.seq_len or shorten the document's text"
-                )
+        if len(flat) > self.seq_len and (flat.images or doc.keep_whole):
+            if doc.keep_whole:
+                self.skipped["documents"] += 1
+                self.skipped["positions"] += len(flat)
+                log.warning("skipped a document of %d positions (%d images): longer than a row of train.seq_len=%d "
+                            "and not to be split (its stream's recipe.split_long is false); %d skipped so far",
+                            len(flat), len(flat.images), self.seq_len, self.skipped["documents"])
+                return
+            if self.P + 2 > self.seq_len:
+                raise ValueError(f"an image takes {self.P + 2} positions ({self.P} patches + BOI/EOI) but a row "
+                                 f"holds {self.seq_len}; raise train.seq_len")
+            while len(flat) > self.seq_len:  # whole-image pieces of at most a row, each packed as a document
+                head, flat = flat.split(flat.cut_before(self.seq_len, self.P))
+                self._add_flat(head, keep_whole=bool(head.images))
+        self._add_flat(flat, keep_whole=bool(flat.images) or doc.keep_whole)
+
+    def _add_flat(self, flat: FlatDoc, keep_whole: bool) -> None:
+        if keep_whole:
             if len(flat) <= self.seq_len - self.fill and not self.waiting:
                 self._place(flat)
                 return
@@ -175,12 +203,13 @@ class SequencePacker:
     def state_dict(self) -> dict:
         """Plain state (tensors, ints, lists, dicts: loadable with weights_only=True)."""
         return {"row": to_plain(self.row), "fill": self.fill, "waiting": [to_plain(d) for d in self.waiting],
-                "ready": [to_plain(r) for r in self.ready]}
+                "ready": [to_plain(r) for r in self.ready], "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.row, self.fill = from_plain(Row, state["row"]), int(state["fill"])
         self.waiting = deque(from_plain(FlatDoc, d) for d in state["waiting"])
         self.ready = deque(from_plain(Row, r) for r in state["ready"])
+        self.skipped = Counter(state.get("skipped", {}))
 
 
 def to_plain(obj: Row | FlatDoc) -> dict:

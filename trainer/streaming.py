@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from data_prep.schema import SchemaError, check_index, draw_latent, sample_latents
+from data_prep.schema import SchemaError, check_index, document_parts, draw_latent, sample_latents
 from config import Config, ConfigError, ModelConfig, StreamConfig
 
 from .documents import Document, DocumentBuilder
@@ -46,7 +46,7 @@ def check_dataset_info(stream: StreamConfig, cfg: Config) -> None:
     m = cfg.model
     shape = info.get("latent_shape")
     want = [m.latent_channels, m.latent_size, m.latent_size]
-    if stream.kind == "image" and shape is not None and list(shape) != want:
+    if stream.kind in ("image", "interleaved") and shape is not None and list(shape) != want:
         raise ConfigError(
             f"data stream '{stream.path}' holds latents of shape {shape} but the model expects {want} "
             "(model.latent_channels, model.latent_size)"
@@ -189,23 +189,51 @@ class StreamingSource:
             if sample["tokens"] is None:
                 return None
             tokens = np.asarray(sample["tokens"], dtype=np.int64)
-            if kind == "text" and tokens.size and (tokens.max() >= self.text_end or tokens.min() < 0):
-                bad = int(tokens.max()) if tokens.max() >= self.text_end else int(tokens.min())
-                raise ConfigError(f"data stream '{stream.path}' sample {sample['key']} holds token id {bad} but "
-                                  f"{text_limit(self.cfg.model)}")
+            if kind == "text":
+                self._check_ids(stream, f"sample {sample['key']}", tokens)
             return self.builder.text(tokens, add_bos_eos=False)
         if kind == "image_tokens":  # discrete baseline: BOI + offset codes + EOI, LM loss only
             caption = np.asarray(sample["caption_ids"], dtype=np.int64)[: self.max_caption]
             codes = np.asarray(sample["image_tokens"], dtype=np.int64) + self.cfg.model.image_token_offset
             return self.builder.image_tokens_caption(caption, codes, rng)
-        mean, std = sample_latents(sample)
-        if self.sample_posterior:
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            latent = draw_latent(mean, std, gen)
-        else:
-            latent = mean
+        if kind == "interleaved":
+            return self.builder.interleaved(self._parts(stream, sample, rng), stream.recipe, rng)
+        latent = self._latent(*sample_latents(sample), rng)
         caption = np.asarray(sample["caption_ids"], dtype=np.int64)[: self.max_caption]
         return self.builder.image_caption(caption, latent, rng)
+
+    def _check_ids(self, stream: StreamConfig, what: str, ids: np.ndarray) -> np.ndarray:
+        """`ids` if they lie in the text vocabulary, else a one-line ConfigError naming the sample."""
+        if ids.size and (ids.max() >= self.text_end or ids.min() < 0):
+            bad = int(ids.max()) if ids.max() >= self.text_end else int(ids.min())
+            raise ConfigError(f"data stream '{stream.path}' {what} holds token id {bad} but {text_limit(self.cfg.model)}")
+        return ids
+
+    def _latent(self, mean: torch.Tensor, std: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """The image's latent: a draw from its stored posterior (data.sample_latents), else the mean."""
+        if not self.sample_posterior:
+            return mean
+        return draw_latent(mean, std, torch.Generator().manual_seed(int(rng.integers(2**62))))
+
+    def _parts(self, stream: StreamConfig, sample: dict, rng: np.random.Generator) -> list[tuple]:
+        """A document row's parts, (role, ids) or (role, latent), checked against the model (one line)."""
+        try:
+            parts = document_parts(sample)
+        except ValueError as e:
+            raise ConfigError(f"data stream '{stream.path}': {e}") from None
+        m, out = self.cfg.model, []
+        want = (m.latent_channels, m.latent_size, m.latent_size)
+        for role, *value in parts:
+            if len(value) == 1:
+                out.append((role, self._check_ids(stream, f"document {sample['key']}", value[0])))
+                continue
+            mean, std = value
+            if tuple(mean.shape) != want:
+                raise ConfigError(f"data stream '{stream.path}' document {sample['key']} holds a latent of shape "
+                                  f"{list(mean.shape)} but the model expects {list(want)} (model.latent_channels, "
+                                  "model.latent_size)")
+            out.append((role, self._latent(mean, std, rng)))
+        return out
 
     def state_dict(self) -> dict:
         return {"streams": [c.state_dict() for c in self.cursors], "positions": list(self.positions),
