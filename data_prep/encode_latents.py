@@ -128,13 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         "MDS compression, e.g. zstd (latents compress poorly)", processing_args)
 
 
+def vae_settings(args: argparse.Namespace, encoder: LatentEncoder) -> dict[str, Any]:
+    """The VAE's entries of job.json (and so of dataset_info.json): what the latents depend on."""
+    return {"vae": local_abspath(args.vae), "vae_subfolder": args.vae_subfolder,
+            "scaling_factor": encoder.scaling_factor, "shift_factor": encoder.shift_factor,
+            "latent_shape": list(encoder.latent_shape(args.resolution)), "latent_dtype": args.latent_dtype}
+
+
 def load_encoder(args: argparse.Namespace) -> EncoderSetup:
     """The VAE of `args` with what the shared driver needs to write its latents."""
     encoder = LatentEncoder(args.vae, args.batch_size, args.device, args.vae_subfolder)
     latent_shape = encoder.latent_shape(args.resolution)
-    settings = {"vae": local_abspath(args.vae), "vae_subfolder": args.vae_subfolder,
-                "scaling_factor": encoder.scaling_factor, "shift_factor": encoder.shift_factor,
-                "latent_shape": list(latent_shape), "latent_dtype": args.latent_dtype}
+    settings = vae_settings(args, encoder)
     return EncoderSetup(
         settings, image_columns(latent_shape, args.latent_dtype),
         f"latents {latent_shape} {args.latent_dtype}; VAE on {encoder.device}", encoder.device,

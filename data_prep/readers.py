@@ -188,63 +188,10 @@ class ManifestSource(ImageSource):
                  key_field: str = "key"):
         self.files, self.path_field, self.caption_field, self.key_field = files, path_field, caption_field, key_field
 
-    def _rows(self, f: InputFile) -> Iterator[tuple[int, dict | None, str | None]]:
-        """(1-based line, row or None, reason the row is unusable or None) per non-blank line."""
-        data = f.fs.cat_file(f.path)
-        if f.path.lower().endswith(".csv"):
-            yield from self._csv_rows(f, data)
-            return
-        for i, line in enumerate(data.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield i, None, BAD_UTF8
-                continue
-            except json.JSONDecodeError:
-                yield i, None, BAD_MANIFEST_LINE
-                continue
-            yield (i, row, None) if isinstance(row, dict) else (i, None, BAD_MANIFEST_LINE)
-
-    def _csv_rows(self, f: InputFile, data: bytes) -> list[tuple[int, dict | None, str | None]]:
-        text = data.decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> lone surrogates, found below
-        limit = csv.field_size_limit()
-        # No field can be longer than the file: parse every row, then judge captions by our own limit.
-        csv.field_size_limit(max(limit, len(text) + 1))
-        rows: list[tuple[int, dict | None, str | None]] = []
-        try:
-            reader = csv.reader(io.StringIO(text, newline=""))
-            header: list[str] | None = None
-            while True:
-                start = reader.line_num + 1
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error:
-                    rows.append((start, None, BAD_MANIFEST_LINE))
-                    continue
-                if not values:
-                    continue
-                if header is None:
-                    header = values
-                    if self.path_field not in header:
-                        raise ValueError(f"{f.path} has no '{self.path_field}' column (columns: {header}); "
-                                         f"set --path-field/--caption-field")
-                    continue
-                if not all(_is_utf8(v) for v in values):
-                    rows.append((start, None, BAD_UTF8))
-                    continue
-                rows.append((start, dict(zip(header, values)), None))
-        finally:
-            csv.field_size_limit(limit)
-        return rows
-
     def units(self) -> list[_ManifestEntry]:
         entries, rename = [], KeyRenamer()
         for f in self.files:
-            for line, row, reason in self._rows(f):
+            for line, row, reason in manifest_rows(f, self.path_field):
                 where = f"{f.name}:{line}"
                 path = row.get(self.path_field) if row else None
                 if reason is None and (not path or not isinstance(path, str)):
@@ -504,6 +451,62 @@ def caption_problem(caption: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def manifest_rows(f: InputFile, required: str) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(1-based line, row or None, reason the row is unusable or None) per non-blank line of a JSONL
+    or CSV file; a CSV without the `required` column is a ValueError naming the file."""
+    data = f.fs.cat_file(f.path)
+    if f.path.lower().endswith(".csv"):
+        yield from _csv_rows(f, data, required)
+        return
+    for i, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield i, None, BAD_UTF8
+            continue
+        except json.JSONDecodeError:
+            yield i, None, BAD_MANIFEST_LINE
+            continue
+        yield (i, row, None) if isinstance(row, dict) else (i, None, BAD_MANIFEST_LINE)
+
+
+def _csv_rows(f: InputFile, data: bytes, required: str) -> list[tuple[int, dict | None, str | None]]:
+    text = data.decode("utf-8-sig", errors="surrogateescape")  # bad bytes -> lone surrogates, found below
+    limit = csv.field_size_limit()
+    # No field can be longer than the file: parse every row, then judge captions by our own limit.
+    csv.field_size_limit(max(limit, len(text) + 1))
+    rows: list[tuple[int, dict | None, str | None]] = []
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header: list[str] | None = None
+        while True:
+            start = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                rows.append((start, None, BAD_MANIFEST_LINE))
+                continue
+            if not values:
+                continue
+            if header is None:
+                header = values
+                if required not in header:
+                    raise ValueError(f"{f.path} has no '{required}' column (columns: {header}); "
+                                     f"set the --*-field options")
+                continue
+            if not all(_is_utf8(v) for v in values):
+                rows.append((start, None, BAD_UTF8))
+                continue
+            rows.append((start, dict(zip(header, values)), None))
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def _wds_key(name: str) -> str:

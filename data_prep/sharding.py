@@ -96,7 +96,9 @@ class Stats:
     """Counts of one chunk (or a sum of chunks): records seen, samples written, skips by reason.
 
     `examples` names up to MAX_EXAMPLES records per reason and chunk (keys, with 1-based
-    locations); `renamed` counts samples written under a `key#n` name (duplicate keys).
+    locations); `renamed` counts samples written under a `key#n` name (duplicate keys); `dropped`
+    counts parts removed from documents that were written (encode_documents' drop_image rule),
+    by reason, with examples under `dropped <reason>`.
     """
 
     records: int = 0
@@ -104,9 +106,18 @@ class Stats:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     renamed: int = 0
+    dropped: Counter = field(default_factory=Counter)
 
     def skip(self, reason: str, key: str) -> None:
         self.skipped[reason] += 1
+        self._example(reason, key)
+
+    def drop(self, reason: str, key: str) -> None:
+        """A part of a written document removed for `reason` (`key` names the document and part)."""
+        self.dropped[reason] += 1
+        self._example(f"dropped {reason}", key)
+
+    def _example(self, reason: str, key: str) -> None:
         ex = self.examples.setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(key)
@@ -116,25 +127,31 @@ class Stats:
         self.written += other.written
         self.renamed += other.renamed
         self.skipped.update(other.skipped)
+        self.dropped.update(other.dropped)
         for reason, keys in other.examples.items():
             ex = self.examples.setdefault(reason, [])
             ex += keys[: max(0, 4 * MAX_EXAMPLES - len(ex))]
 
     def to_dict(self) -> dict:
-        return {"records": self.records, "written": self.written, "skipped_total": sum(self.skipped.values()),
-                "skipped": dict(sorted(self.skipped.items())), "examples": self.examples,
-                "renamed_duplicate_keys": self.renamed}
+        out = {"records": self.records, "written": self.written, "skipped_total": sum(self.skipped.values()),
+               "skipped": dict(sorted(self.skipped.items())), "examples": self.examples,
+               "renamed_duplicate_keys": self.renamed}
+        if self.dropped:
+            out["dropped_parts"] = dict(sorted(self.dropped.items()))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Stats":
         return cls(d["records"], d["written"], Counter(d["skipped"]), d.get("examples", {}),
-                   d.get("renamed_duplicate_keys", 0))
+                   d.get("renamed_duplicate_keys", 0), Counter(d.get("dropped_parts", {})))
 
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
         renamed = f", {self.renamed} under renamed duplicate keys" if self.renamed else ""
+        dropped = ("; parts dropped from written documents: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(self.dropped.items()))) if self.dropped else ""
         return (f"{self.records} records, {self.written} written{renamed}, {sum(self.skipped.values())} skipped "
-                f"({reasons})")
+                f"({reasons}){dropped}")
 
 
 class _Counted:
