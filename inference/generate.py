@@ -3,7 +3,9 @@
 LM mode samples tokens until EOS, the token budget, or BOI; at BOI the image's patches start as
 Gaussian noise and are denoised (DDPM or DDIM, diffusers) with the model attending causally to the
 prefix and bidirectionally inside the image, with classifier-free guidance (cond and uncond rows in
-one batch; uncond = BOS, BOI, patches); then EOI is appended and LM mode resumes. The prefix's
+one batch; uncond = BOS, BOI, patches; with `image_cfg_scale`, for editing, a third row holds the
+prompt's images without its text, and the text and the images get a scale each); then EOI is
+appended and LM mode resumes. The prefix's
 keys/values are cached and reused by every diffusion step and LM step. Row r draws all its noise
 from a generator seeded with seed + r, so a row's output does not depend on the rest of the batch.
 
@@ -54,6 +56,9 @@ class GenerationConfig:
     top_p: float | None = None
     max_images: int | None = None  # generated images per row in interleaved mode (None = no limit)
     cfg_scale: float = 5.0  # classifier-free guidance; 1 = conditional only (no uncond rows)
+    # editing: guidance on the prompt's images (cfg_scale then guides its text), InstructPix2Pix style;
+    # None: one scale over the whole prompt
+    image_cfg_scale: float | None = None
     steps: int = 250
     sampler: SamplerKind = "ddpm"
     eta: float = 0.0  # DDIM only
@@ -70,6 +75,8 @@ class GenerationConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {self.sampler!r}; use ddpm or ddim")
+        if self.image_cfg_scale is not None and self.mode not in ("image", "interleaved"):
+            raise ValueError(f"image_cfg_scale guides generated images; mode {self.mode!r} generates none")
 
     def image_budget(self) -> float:
         return {"text": 0, "caption": 0, "image": 1}.get(self.mode, self.max_images if self.max_images is not None else float("inf"))
@@ -96,6 +103,7 @@ class _Run:
     status: str = TEXT
     sampled: int = 0  # tokens sampled so far (counts against max_new_tokens)
     images_made: int = 0
+    prompt_images: list[torch.Tensor] = field(default_factory=list)  # the prompt's latents, for image guidance
 
 
 class TransfusionGenerator:
@@ -163,6 +171,9 @@ class TransfusionGenerator:
         prompts = [prompts] if single else list(prompts)  # type: ignore[list-item]
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if self.tokens_mode and cfg.image_cfg_scale is not None:
+            raise ValueError("image_cfg_scale guides diffusion over latent images; this model writes images as "
+                             "VQ tokens (model.image_representation: tokens): use cfg_scale alone")
         runs = [self._start(p, i, cfg, cfg.seed + i if seeds is None else seeds[i]) for i, p in enumerate(prompts)]
         self._prefill(runs, cfg)
         while True:
@@ -199,7 +210,7 @@ class TransfusionGenerator:
                 f"of {max_len} (model.max_seq_len); shorten the prompt"
             )
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        run = _Run(row, gen, GenerationResult())
+        run = _Run(row, gen, GenerationResult(), prompt_images=[s for s in segments if isinstance(s, torch.Tensor)])
         run.next = row.tokens.pop()  # the last prompt token is fed by the first decode step
         row.is_image.pop()
         return run
@@ -274,17 +285,22 @@ class TransfusionGenerator:
             uncond = [RowState() for _ in runs]
             for u in uncond:
                 u.add_tokens([t.bos, t.boi])
+            if cfg.image_cfg_scale is not None:  # and the instruction-dropout one: BOS, the prompt's images, BOI
+                uncond += [RowState.from_segments([[t.bos], *r.prompt_images, [t.boi]], self.cfg) for r in runs]
             self._feed(uncond, cfg)
         sched = make_sampler(self.diffusion, cfg.sampler, cfg.steps, cfg.timestep_spacing)
         x = torch.stack([torch.randn((C, s, s), generator=r.gen, device=self.device) for r in runs])  # [R, C, h, w]
         slots = [row.add_image(x[i % len(runs)], P, t.pad) for i, row in enumerate(rows + uncond)]
         group = Group(self.model, rows + uncond, cfg.use_cache)
         extra = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
+        R = len(runs)
         for step in sched.timesteps:
             for i, slot in enumerate(slots):
-                slot.latent, slot.t = x[i % len(runs)], int(step)
-            _, eps = group.forward(append=False)  # [R (+R uncond), C, h, w]
-            eps = guided_noise(eps[:len(runs)], eps[len(runs):] if uncond else None, cfg.cfg_scale)
+                slot.latent, slot.t = x[i % R], int(step)
+            _, eps = group.forward(append=False)  # [R (+R uncond) (+R image-only), C, h, w]
+            eps = guided_noise(eps[:R], eps[R:2 * R] if uncond else None, cfg.cfg_scale,
+                               eps[2 * R:] if len(uncond) > R else None,
+                               1.0 if cfg.image_cfg_scale is None else cfg.image_cfg_scale)
             x = sched.step(eps, step, x, generator=[r.gen for r in runs], **extra).prev_sample
         group.release()
         for i, r in enumerate(runs):
@@ -347,7 +363,7 @@ class TransfusionGenerator:
 
     def _needs_uncond(self, cfg: GenerationConfig) -> bool:
         """At scale 1 guidance is the conditional prediction, so the uncond rows are skipped."""
-        return cfg.cfg_scale != 1.0
+        return cfg.cfg_scale != 1.0 or cfg.image_cfg_scale not in (None, 1.0)
 
     def _feed(self, rows: list[RowState], cfg: GenerationConfig) -> None:
         group = Group(self.model, rows, cfg.use_cache)
@@ -410,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--max-images", type=int, default=None, help="interleaved mode: images per row")
-    ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--cfg-scale", type=float, default=5.0, help="guidance scale (with --image-cfg-scale: of the text)")
+    ap.add_argument("--image-cfg-scale", type=float, default=None,
+                    help="editing: guidance on the prompt's images, e.g. 1.5 (a third row: the images without the text)")
     ap.add_argument("--steps", type=int, default=250, help="diffusion steps")
     ap.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -437,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         gen = TransfusionGenerator.from_folder(args.folder, args.device, args.dtype)
         cfg = GenerationConfig(
             mode=mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, max_images=args.max_images, cfg_scale=args.cfg_scale, steps=args.steps,
+            top_p=args.top_p, max_images=args.max_images, cfg_scale=args.cfg_scale,
+            image_cfg_scale=args.image_cfg_scale, steps=args.steps,
             sampler=args.sampler, eta=args.eta, seed=args.seed, use_cache=not args.no_cache,
         )
         results = gen.generate(prompts, cfg)

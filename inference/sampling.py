@@ -63,8 +63,15 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float)
     return uncond + scale * (cond - uncond)
 
 
-def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s * (eps_c - eps_u); the conditional prediction alone without eps_u."""
+def guided_noise(eps_cond: torch.Tensor, eps_uncond: torch.Tensor | None, scale: float,
+                 eps_image: torch.Tensor | None = None, image_scale: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s * (eps_c - eps_u); the conditional prediction alone without eps_u.
+
+    With `eps_image` (the prompt's images without its text: editing), two scales as InstructPix2Pix
+    trains for: eps_u + s_img * (eps_image - eps_u) + s * (eps_c - eps_image).
+    """
     if eps_uncond is None:
         return eps_cond
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+    if eps_image is None:
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+    return eps_uncond + image_scale * (eps_image - eps_uncond) + scale * (eps_cond - eps_image)

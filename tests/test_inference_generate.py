@@ -91,9 +91,9 @@ def test_cfg_scale_one_equals_the_conditional_prediction(gen, monkeypatch):
     seen = []
     real = generate_mod.guided_noise
 
-    def spy(eps_c, eps_u, scale):
+    def spy(eps_c, eps_u, scale, *image):
         seen.append(eps_u is not None)
-        return real(eps_c, eps_u, scale)
+        return real(eps_c, eps_u, scale, *image)
 
     monkeypatch.setattr(TransfusionGenerator, "_needs_uncond", lambda self, cfg: True)
     monkeypatch.setattr(generate_mod, "guided_noise", spy)
@@ -102,6 +102,25 @@ def test_cfg_scale_one_equals_the_conditional_prediction(gen, monkeypatch):
     torch.testing.assert_close(with_uncond[0].images[0], cond_only[0].images[0], rtol=0, atol=1e-5)
     guided = gen.generate([[5, 6, 7]], mode="image", steps=STEPS, cfg_scale=4.0, sampler="ddim")
     assert not torch.allclose(guided[0].images[0], cond_only[0].images[0], atol=1e-3)
+
+
+def test_edit_guidance_has_a_scale_for_the_text_and_one_for_the_prompt_images(gen, monkeypatch):
+    """Two scales (InstructPix2Pix): equal scales give one-scale guidance over the whole prompt; the
+    third row is the prompt's images without its text (guided by it alone, the result equals the
+    image-only prompt's conditional sample); other scales change the result."""
+    edit = [ImagePart(latent=latent(2, gen.cfg)), [5, 6, 7]]
+    kw = dict(mode="image", steps=STEPS, sampler="ddim", seed=5)
+    one = gen.generate([edit], cfg_scale=3.0, **kw)[0].images[0]
+    two = gen.generate([edit], cfg_scale=3.0, image_cfg_scale=3.0, **kw)[0].images[0]
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-4)
+    other = gen.generate([edit], cfg_scale=3.0, image_cfg_scale=1.5, **kw)[0].images[0]
+    assert not torch.allclose(other, one, atol=1e-3)
+    image_only = gen.generate([[ImagePart(latent=latent(2, gen.cfg))]], cfg_scale=1.0, **kw)[0].images[0]
+    monkeypatch.setattr(generate_mod, "guided_noise", lambda eps_c, eps_u, scale, eps_i, s_i: eps_i)
+    from_third_row = gen.generate([edit], cfg_scale=3.0, image_cfg_scale=1.5, **kw)[0].images[0]
+    torch.testing.assert_close(from_third_row, image_only, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="image_cfg_scale guides generated images; mode 'text'"):
+        gen.generate([edit], mode="text", image_cfg_scale=1.5)
 
 
 def test_seeds_batches_and_samplers(gen):
