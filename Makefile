@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-$(DEPS_HASH)
 PYTEST_ARGS ?= -m "not slow"
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv slurm-deps demo test test-all gpu-check clean
+.PHONY: venv slurm-deps demo edit-demo test test-all gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: venv
 	$(PY) -m examples.digits.prepare --out outputs/embedded_default
 	$(PY) -m trainer.train --config configs/tiny.yaml
 	$(PY) -m examples.digits.evaluate --run outputs/tiny --data outputs/embedded_default --cfg-scale 5
+
+# After `make demo`: fine-tune its checkpoint on digit edits with ground truth and score before/after
+# (examples/digits/edit.py; about 8 min on 2 cores).
+edit-demo: venv
+	$(PY) -m examples.digits.edit --data outputs/embedded_default --base outputs/tiny/checkpoints/step_00006000 --out outputs/edit_tiny
 
 # The real-SLURM tests (tests/test_slurm.py start slurmctld + slurmd) need Debian's slurm-wlm and
 # munge: installed here where root and apt-get allow it; elsewhere those tests skip with the reason.
