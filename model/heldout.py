@@ -6,8 +6,10 @@ every evaluation, drawn on CPU from a generator seeded by (eval seed, k): the nu
 weights only, not on the training step, the layout, the data-parallel size or the device. Timesteps
 are stratified: image k falls in bucket k mod K of K equal ranges of [0, T) and takes a fixed draw
 inside it, so each bucket's mean is an estimate at that noise level and their mean one of the
-uniform-timestep training loss. The LM loss is split by what a target is: plain text (documents
-without an image), captions (the text of image documents) and, for VQ-token images, image codes.
+uniform-timestep training loss. A condition image (an edit's source) is read clean at t = 0 and
+scored nowhere, as in training: its timestep is CONDITION_T (-1) here. The LM loss is split by what
+a target is: plain text (documents without an image), captions (the text of image documents) and,
+for VQ-token images, image codes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .losses import LM_CHUNK_ROWS, LmLossSum, per_image_mse
 from .transfusion import ModelOutput
 
 TARGET_KINDS = ("text", "caption", "image_tokens")
+CONDITION_T = -1  # a held-out condition image's timestep: the model reads it clean at t = 0, no loss
 
 
 @dataclass
@@ -30,15 +33,21 @@ class HeldoutBatch:
 
     batch: PackedBatch
     targets: torch.Tensor  # [len(TARGET_KINDS), B, S] int64: text targets of each kind, IGNORE_INDEX elsewhere
-    timesteps: torch.Tensor  # [N_img] int64
+    timesteps: torch.Tensor  # [N_img] int64; CONDITION_T for condition images
     noise: torch.Tensor  # [N_img, C, h, w]
 
     def to(self, device: torch.device | str) -> "HeldoutBatch":
         return HeldoutBatch(self.batch.to(device), *(t.to(device) for t in (self.targets, self.timesteps, self.noise)))
 
+    @property
+    def model_timesteps(self) -> torch.Tensor:
+        """The timesteps the model reads [N_img]: condition images at 0."""
+        return self.timesteps.clamp(min=0)
+
     def noisy_latents(self, schedule: NoiseSchedule) -> torch.Tensor:
-        """The images noised to their fixed timesteps [N_img, C, h, w]."""
-        return schedule.q_sample(self.batch.latents, self.timesteps, self.noise)
+        """The images noised to their fixed timesteps [N_img, C, h, w]; condition images clean."""
+        noisy = schedule.q_sample(self.batch.latents, self.model_timesteps, self.noise)
+        return torch.where((self.timesteps == CONDITION_T)[:, None, None, None], self.batch.latents, noisy)
 
 
 def target_kinds(batch: PackedBatch, boi: int, image_token_offset: int | None = None) -> torch.Tensor:
@@ -94,10 +103,11 @@ class HeldoutStats:
                 sums[i] = lm_loss(out, targets[i], LM_CHUNK_ROWS).double()
                 sums[k + i] = (targets[i] != IGNORE_INDEX).sum()
         if self.diffusion and noise.shape[0] > 0:
-            bucket = timesteps * self.n_buckets // self.num_timesteps  # [N_img]
-            mse = per_image_mse(out.noise_pred, noise).double()
+            scored = timesteps != CONDITION_T  # [N_img]
+            bucket = timesteps.clamp(min=0) * self.n_buckets // self.num_timesteps  # [N_img]
+            mse = per_image_mse(out.noise_pred, noise).double() * scored
             sums[2 * k:2 * k + self.n_buckets].index_add_(0, bucket, mse)
-            sums[2 * k + self.n_buckets:].index_add_(0, bucket, torch.ones_like(mse))
+            sums[2 * k + self.n_buckets:].index_add_(0, bucket, scored.double())
         return sums
 
     def split(self, sums: torch.Tensor) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:

@@ -217,7 +217,8 @@ class TrainingEngine(abc.ABC):
             b = hb.batch
             with self.autocast():
                 noisy = hb.noisy_latents(self.objective.schedule)
-                out = self.forward_model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy, hb.timesteps)
+                out = self.forward_model(b.tokens, b.position_ids, b.kv_lo, b.kv_hi, b.is_image, noisy,
+                                         hb.model_timesteps)
                 sums += stats(out, hb.targets, hb.noise, hb.timesteps, self.objective.lm_loss)
         return sums
 

@@ -192,7 +192,7 @@ class TorchEngine(TrainingEngine):
         the stats (`pipeline_loss`); shared with the other stages like the training losses."""
         if self.pm.schedule is None:
             return super().heldout_sums(batches, stats)
-        kwarg_mbs = [self._stage_inputs(hb.batch, hb.noisy_latents(self.objective.schedule), hb.timesteps, hb.noise)
+        kwarg_mbs = [self._stage_inputs(hb.batch, hb.noisy_latents(self.objective.schedule), hb.model_timesteps, hb.noise)
                      for hb in batches]
         first = any(part.is_first for part in self.parts)
         self._heldout = stats, torch.zeros(stats.size, dtype=torch.float64, device=self.device)

@@ -159,13 +159,19 @@ def test_edit_and_interleaved_shards_train(assets, tmp_path):
     jsonl(src / "web.jsonl", [interleaved_rows(img)[0]] * 3)
     encode(assets, "edit", [src / "edits.jsonl"], tmp_path / "edit")
     encode(assets, "interleaved", [src / "web.jsonl"], tmp_path / "web")
+    jsonl(src / "heldout.jsonl", [{"source": str(img / "good3.png"), "instruction": "make it blue",
+                                   "target": str(img / "good2.png")}] * 2)
+    encode(assets, "edit", [src / "heldout.jsonl"], tmp_path / "heldout")
     from trainer.data import build_loader
-    from trainer.train import make_engine
+    from trainer.evaluation import Evaluator
+    from trainer.train import make_engine, process_env
 
     cfg = tiny_run_config(tmp_path / "run", 96, "data.source=streaming", "train.batch_size=2",
                           f"data.streams=[{{path: {tmp_path / 'edit'}, kind: interleaved, proportion: 1, "
                           f"recipe: {{drop_both: 0.1, split_long: false}}}}, "
-                          f"{{path: {tmp_path / 'web'}, kind: interleaved, proportion: 1}}]")
+                          f"{{path: {tmp_path / 'web'}, kind: interleaved, proportion: 1}}]",
+                          "eval.every=1", f"eval.streams=[{{path: {tmp_path / 'heldout'}, kind: interleaved, "
+                          "recipe: {drop_both: 1.0}}]")
     engine, loader = make_engine(cfg), build_loader(cfg)
     conditions = 0
     for step in range(3):
@@ -174,6 +180,12 @@ def test_edit_and_interleaved_shards_train(assets, tmp_path):
         result = engine.train_step([batch], step)
         assert np.isfinite(result.loss) and result.diffusion_loss > 0 and result.lm_loss > 0
     assert conditions > 0
+    evaluator = Evaluator(cfg, process_env(cfg))  # held out: no guidance dropout, the sources not scored
+    assert evaluator.images == 4
+    timesteps = torch.cat([hb.timesteps for step in evaluator.steps for hb in step])
+    assert (timesteps == -1).sum() == 2 and (timesteps >= 0).sum() == 2
+    metrics = evaluator.run(engine)
+    assert np.isfinite(metrics["eval/diffusion_loss"]) and np.isfinite(metrics["eval/caption_lm_loss"])
 
 
 def test_two_workers_and_a_rerun_write_what_one_worker_does(assets, tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from config import ConfigError, load_config
 from model.batch import IGNORE_INDEX
-from model.heldout import TARGET_KINDS, bucket_range, fixed_draws, target_kinds
+from model.heldout import CONDITION_T, TARGET_KINDS, HeldoutBatch, HeldoutStats, bucket_range, fixed_draws, target_kinds
 from tests.conftest import REPO
 from tests.helpers import SHARD_LATENT, streaming_overrides, tiny_run_config, write_shards
 from trainer.data import document_builder
@@ -52,6 +52,35 @@ def test_lm_targets_split_into_plain_text_and_captions(tiny_cfg):
     assert torch.equal(torch.where(kinds[0] != IGNORE_INDEX, kinds[0], kinds[1]), batch.text_targets)
     vq = target_kinds(batch, m.tokens.boi, image_token_offset=43)  # pretend ids >= 43 are image codes
     assert (vq[2] != IGNORE_INDEX).sum() == 2 and (vq[1] != IGNORE_INDEX).sum() == 5
+
+
+def test_a_condition_image_is_read_clean_and_scored_nowhere(tiny_cfg):
+    """An edit document held out: its source (condition) image enters the model clean at t = 0 and adds
+    nothing to any bucket; the generated image is noised and scored as before."""
+    from model.diffusion import NoiseSchedule
+    from model.transfusion import ModelOutput
+    from trainer.documents import CONDITION, ContextText, Document, ImageSegment
+
+    m = tiny_cfg.model
+    packer = SequencePacker(64, m.patches_per_image, m.tokens)
+    source, target = torch.ones(SHARD_LATENT), torch.full(SHARD_LATENT, 2.0)
+    packer.add(Document([np.array([1]), ImageSegment(source, CONDITION), ContextText(np.arange(20, 24)),
+                         ImageSegment(target, 1000), np.array([2])]))
+    packer.flush()
+    batch = collate(packer.pop_rows(1), SHARD_LATENT)
+    t, noise = fixed_draws(SHARD_LATENT, 0, 2, seed=0, num_timesteps=1000, n_buckets=2)
+    t[~batch.generated] = CONDITION_T
+    hb = HeldoutBatch(batch, target_kinds(batch, m.tokens.boi), t, noise)
+    schedule = NoiseSchedule(tiny_cfg.diffusion)
+    noisy = hb.noisy_latents(schedule)
+    assert torch.equal(noisy[0], source) and hb.model_timesteps.tolist() == [0, int(t[1])]
+    torch.testing.assert_close(noisy[1], schedule.q_sample(target[None], t[1:], noise[1:])[0])
+    stats = HeldoutStats(1000, 2)
+    out = ModelOutput(torch.zeros(2, *SHARD_LATENT), torch.zeros(1, 64, 8), torch.nn.Identity())
+    sums = stats(out, hb.targets, noise, t, lambda *a: torch.zeros(()))
+    _, buckets = stats.split(sums)
+    assert [n for _, n in buckets] == [0, 1]  # only the generated image (bucket 1 by its index)
+    assert buckets[1][0] == pytest.approx(float((noise[1] ** 2).mean()))
 
 
 @pytest.fixture(scope="module")

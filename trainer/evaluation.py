@@ -21,7 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from config import Config, ConfigError
-from model.heldout import TARGET_KINDS, HeldoutBatch, HeldoutStats, bucket_range, fixed_draws, target_kinds
+from model.heldout import (CONDITION_T, TARGET_KINDS, HeldoutBatch, HeldoutStats, bucket_range, fixed_draws,
+                           target_kinds)
 from parallel.dims import DistEnv
 from parallel.engine import TrainingEngine
 
@@ -32,7 +33,9 @@ from .packing import Row, SequencePacker, collate
 
 def heldout_config(cfg: Config) -> Config:
     """The run's config with the held-out streams as its data and the evaluation's document recipe."""
-    data = dataclasses.replace(cfg.data, streams=cfg.eval.streams, shuffle=False, sample_latents=False,
+    streams = [dataclasses.replace(s, recipe=dataclasses.replace(s.recipe, drop_context=0.0, drop_condition=0.0,
+                                                                 drop_both=0.0)) for s in cfg.eval.streams]
+    data = dataclasses.replace(cfg.data, streams=streams, shuffle=False, sample_latents=False,
                                image_first_prob=0.0, caption_dropout=0.0)
     return dataclasses.replace(cfg, data=data)
 
@@ -101,6 +104,7 @@ class Evaluator:
                 batch = collate(rows[start:start + per_micro], latent_shape)
                 timesteps, noise = fixed_draws(latent_shape, int(first_image[start]), batch.num_images, e.seed,
                                                self.stats.num_timesteps, e.timestep_buckets)
+                timesteps[~batch.generated] = CONDITION_T
                 micro_batches.append(HeldoutBatch(batch, target_kinds(batch, m.tokens.boi, offset), timesteps, noise))
             self.steps.append(micro_batches)
         self.images = int(first_image[-1])
