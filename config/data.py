@@ -17,6 +17,9 @@ class SyntheticDataConfig:
     text_len_min: int = 16
     text_len_max: int = 96
     image_noise: float = 0.1
+    # > 1: an image document holds 1..N (uniform) caption-image pairs in a row, an interleaved document
+    # (e.g. to plan memory for multi-image data); 1: caption-image pairs under the paper's recipe
+    images_per_document: int = 1
 
 
 @dataclass
@@ -99,6 +102,12 @@ class DataConfig:
         )
         require(self.shuffle_block >= 1, "data.shuffle_block must be >= 1")
         require(self.prefetch >= 0, f"data.prefetch must be >= 0 (steps built ahead; 0: off), got {self.prefetch}")
+        n = self.synthetic.images_per_document
+        require(n >= 1, f"data.synthetic.images_per_document must be >= 1, got {n}")
+        if self.source == "synthetic" and n > 1:
+            need = n * (m.patches_per_image + 2 + 4) + 2  # each image with its 4-token class caption, BOS, EOS
+            require(need <= seq_len, f"data.synthetic.images_per_document={n} makes documents of up to {need} "
+                    f"positions ({m.patches_per_image} patches per image), more than train.seq_len={seq_len}")
 
 
 def validate_streams(streams: list[StreamConfig], key: str, m: ModelConfig) -> None:

@@ -138,3 +138,21 @@ def test_guidance_dropout_draws_disjoint_cases_at_the_configured_rates():
     assert rates[("condition", "generate")] == pytest.approx(0.1, abs=0.02)  # instruction dropped
     assert rates[("context", "generate")] == pytest.approx(0.2, abs=0.02)  # input image dropped
     assert rates[("generate",)] == pytest.approx(0.3, abs=0.02)  # both: the unconditional case
+
+
+def test_synthetic_multi_image_documents_and_their_row_limit(tmp_path):
+    """data.synthetic.images_per_document=N: image documents hold 1..N captioned images (what the
+    planner's multi-image memory figure runs on); one too long for a row is one config line."""
+    from config import ConfigError, load_config
+    from tests.conftest import REPO
+    from trainer.data import document_builder
+    from trainer.synthetic import SyntheticSource
+
+    overrides = ["data.source=synthetic", "eval.every=0", "logging.wandb=disabled", "data.synthetic.images_per_document=4"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    source = SyntheticSource(cfg.data, cfg.model, document_builder(cfg), seed=0)
+    counts = Counter(sum(isinstance(s, ImageSegment) for s in next(source).segments) for _ in range(300))
+    assert set(counts) == {0, 1, 2, 3, 4}  # 0: the text documents
+    with pytest.raises(ConfigError, match=r"^data.synthetic.images_per_document=4 makes documents of up to 90 "
+                                          r"positions \(16 patches per image\), more than train.seq_len=64$"):
+        load_config(REPO / "configs" / "tiny.yaml", overrides + ["train.seq_len=64"])

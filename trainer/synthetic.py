@@ -1,7 +1,8 @@
 """A built-in learnable document source, behind the same interface as the streaming loader.
 
 Images are class patterns in latent space (plus noise) captioned with the class's fixed token
-sequence; text follows a fixed random Markov chain. Document i depends only on (seed, i), so the
+sequence (`images_per_document` > 1: several captioned images per document); text follows a fixed
+random Markov chain. Document i depends only on (seed, i), so the
 source's whole state is the index of the next document. The held-out documents (`heldout=True`)
 come from the same patterns, captions and chain but a disjoint seed sequence (seed, i, 1).
 """
@@ -13,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from config import DataConfig, ModelConfig
+from config import DataConfig, DocumentRecipeConfig, ModelConfig
 
 from .documents import Document, DocumentBuilder
 
@@ -45,11 +46,20 @@ class SyntheticSource:
         self.index += 1
         if rng.random() < self.text_fraction:
             return self.builder.text(self._text(rng))
+        n = self.cfg.images_per_document
+        if n > 1:  # several caption-image pairs: an interleaved document with generated images
+            parts: list[tuple[str, np.ndarray | torch.Tensor]] = []
+            for _ in range(int(rng.integers(1, n + 1))):
+                k = int(rng.integers(self.cfg.num_classes))
+                parts += [("text", self.captions[k]), ("generate", self._latent(k, rng))]
+            return self.builder.interleaved(parts, DocumentRecipeConfig(), rng)
         k = int(rng.integers(self.cfg.num_classes))
-        latent = self.patterns[k] + self.cfg.image_noise * torch.from_numpy(
-            rng.standard_normal(self.patterns[k].shape).astype(np.float32)
-        )
-        return self.builder.image_caption(self.captions[k], latent, rng)
+        return self.builder.image_caption(self.captions[k], self._latent(k, rng), rng)
+
+    def _latent(self, k: int, rng: np.random.Generator) -> torch.Tensor:
+        """Class k's pattern plus noise [C, h, w]."""
+        return self.patterns[k] + self.cfg.image_noise * torch.from_numpy(
+            rng.standard_normal(self.patterns[k].shape).astype(np.float32))
 
     def _text(self, rng: np.random.Generator) -> np.ndarray:
         n = int(rng.integers(self.cfg.text_len_min, self.cfg.text_len_max + 1))
