@@ -29,7 +29,7 @@ demo: venv
 	$(PY) -m examples.digits.evaluate --run outputs/tiny --data outputs/embedded_default --cfg-scale 5
 
 # After `make demo`: fine-tune its checkpoint on digit edits with ground truth and score before/after
-# (examples/digits/edit.py; about 8 min on 2 cores).
+# (examples/digits/edit.py; about 9 min on 2 cores).
 edit-demo: venv
 	$(PY) -m examples.digits.edit --data outputs/embedded_default --base outputs/tiny/checkpoints/step_00006000 --out outputs/edit_tiny
 
