@@ -38,6 +38,10 @@ def test_every_config_loads(path, data_root, tmp_path, monkeypatch):
     shards.mkdir(parents=True)
     for kind in ("images", "text", "heldout"):
         (shards / kind).symlink_to(data_root / kind)
+    # edit_tiny.yaml: the edit shards and the demo checkpoint it starts from (loading checks they exist)
+    (tmp_path / "outputs" / "edit_tiny" / "shards").mkdir(parents=True)
+    (tmp_path / "outputs" / "edit_tiny" / "shards" / "edit").symlink_to(data_root / "images")
+    (tmp_path / "outputs" / "tiny" / "checkpoints" / "step_00006000").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
     assert cfg.model.d_model % cfg.model.n_heads == 0
