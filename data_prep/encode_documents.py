@@ -44,11 +44,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import document_readers, images, readers
-from .cli import local_abspath, parse_with_config, run_tool, setup_logging
+from .cli import local_abspath, parse_with_config, run_tool
 from .encode_latents import NONFINITE, LatentEncoder, vae_settings
-from .image_encoding import TOKENIZE_ERROR, _ordered_map
+from .image_encoding import TOKENIZE_ERROR, _ordered_map, run_worker, setup_worker
 from .schema import DOCUMENT_COLUMNS, document_row, latents_to_storage, storage_to_tensor
-from .sharding import ShardJob, Stats, add_scaleout_args, merge_parts, partition, resolve_worker
+from .sharding import ShardJob, Stats, add_scaleout_args, partition
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.encode_documents")
@@ -260,17 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns this worker's report."""
     args = parse_with_config(build_parser(), argv)
-    setup_logging()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     if args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
-    rank, world = resolve_worker(args.rank, args.world_size)
-    min_size = args.resolution // 2 if args.min_size is None else args.min_size
-    tokenizer = Tokenizer(args.tokenizer)
-    if args.batch_size is None:
-        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        args.batch_size = 32 if cuda else 4
+    rank, world, min_size, tokenizer = setup_worker(args)
     encoder = LatentEncoder(args.vae, args.batch_size, args.device, args.vae_subfolder)
     fields = {"texts_field": args.texts_field, "images_field": args.images_field, "source_field": args.source_field,
               "instruction_field": args.instruction_field, "target_field": args.target_field,
@@ -292,14 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    overwrite=args.overwrite, throttle=args.throttle)
     process = DocumentChunkEncoder(encoder, tokenizer, args.format, args.resolution, min_size, args.latent_dtype,
                                    args.bad_image, args.max_images, args.decode_workers)
-    try:
-        report = job.run(source.stream(units), process, total=source.count(units), unit="doc")
-    finally:
-        if process.pool is not None:
-            process.pool.shutdown(cancel_futures=True)
-    if world == 1 and not args.no_merge:
-        merge_parts(args.out)
-    return report
+    return run_worker(job, source, units, process, "doc", args)
 
 
 def cli() -> None:

@@ -210,15 +210,7 @@ def build_encoder_parser(description: str, add_model_args: Callable[[ArgGroup], 
 def encode_images(args: argparse.Namespace, log: logging.Logger, kind: str,
                   load_encoder: Callable[[argparse.Namespace], EncoderSetup]) -> dict:
     """The encoders' main flow on parsed `args`: encode this worker's inputs into shards; returns its report."""
-    setup_logging()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    rank, world = resolve_worker(args.rank, args.world_size)
-    min_size = args.resolution // 2 if args.min_size is None else args.min_size
-    tokenizer = Tokenizer(args.tokenizer)
-    if args.batch_size is None:
-        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        args.batch_size = 32 if cuda else 4
+    rank, world, min_size, tokenizer = setup_worker(args)
     encoder = load_encoder(args)
     source = readers.image_source(
         args.input, args.format, path_field=args.path_field, caption_field=args.caption_field,
@@ -240,12 +232,31 @@ def encode_images(args: argparse.Namespace, log: logging.Logger, kind: str,
     job = ShardJob(args.out, rank, world, args.chunk_size, encoder.columns, settings,
                    size_limit=args.shard_size_limit, compression=args.compression,
                    overwrite=args.overwrite, throttle=args.throttle)
-    process = encoder.processor(tokenizer, min_size)
+    return run_worker(job, source, units, encoder.processor(tokenizer, min_size), "img", args)
+
+
+def setup_worker(args: argparse.Namespace) -> tuple[int, int, int, Tokenizer]:
+    """An image-encoding worker's start: logging, threads, (rank, world), min_size, the tokenizer;
+    fills in the default --batch-size (32 on CUDA, 4 on CPU)."""
+    setup_logging()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    rank, world = resolve_worker(args.rank, args.world_size)
+    min_size = args.resolution // 2 if args.min_size is None else args.min_size
+    if args.batch_size is None:
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        args.batch_size = 32 if cuda else 4
+    return rank, world, min_size, Tokenizer(args.tokenizer)
+
+
+def run_worker(job: ShardJob, source: Any, units: list, process: Any, unit: str, args: argparse.Namespace) -> dict:
+    """Run `process` (a chunk processor with a decode `pool`) over the worker's units; merge when it
+    is the only worker; returns its report."""
     try:
-        report = job.run(source.stream(units), process, total=source.count(units), unit="img")
+        report = job.run(source.stream(units), process, total=source.count(units), unit=unit)
     finally:
         if process.pool is not None:
             process.pool.shutdown(cancel_futures=True)
-    if world == 1 and not args.no_merge:
+    if job.world_size == 1 and not args.no_merge:
         merge_parts(args.out)
     return report
